@@ -1,0 +1,218 @@
+"""The reasoning calibration set (paper Sec. 3.1 and 3.4).
+
+``n_per_task`` examples are drawn from each task's train split (questions that also occur in
+the evaluation split are excluded first, see :func:`cap_lab.data.calibration_pool`),
+stratified over the quartiles of example length (question plus target, in characters: a rough
+proxy for problem complexity that does not depend on the tokenizer, so every model is
+calibrated on the same questions), with a fixed seed. The examples are then dealt into K
+disjoint subsets so that each subset holds every task in near-equal shares.
+
+Each example is an input-target pair (texts in :mod:`cap_lab.prompts`); only target tokens
+carry the loss. When prompt plus target exceed ``max_length`` tokens the target keeps at least
+half the budget (its tail is cut) and the prompt is cut from the left.
+
+The loss of a subset is the token-level mean cross-entropy over all target tokens of the
+subset (paper Eq. 1: "token-level cross-entropy"); per-example sums and counts are kept so
+other aggregations need no new forward pass.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from cap_lab.data import TASKS, Example, calibration_pool
+from cap_lab.prompts import (
+    FORMAT_VERSION, TargetFormat, calibration_target, calibration_user_text, encode_continuation,
+    encode_prompt, resolve_style,
+)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Settings of a calibration set; every field is part of the score-cache key.
+
+    Attributes:
+        tasks: benchmarks to draw from (paper: GSM8K, StrategyQA, ARC-Challenge).
+        n_per_task: examples per task (paper: 128-256; any n >= n_subsets).
+        n_subsets: K disjoint subsets for the median estimate (paper: 3-5).
+        seed: sampling seed (paper: 0).
+        max_length: token cap per example.
+        prompt_style: ``auto`` (chat template when the tokenizer has one), ``chat`` or ``plain``.
+        target: the target text format.
+    """
+
+    tasks: tuple[str, ...] = TASKS
+    n_per_task: int = 128
+    n_subsets: int = 3
+    seed: int = 0
+    max_length: int = 512
+    prompt_style: str = "auto"
+    target: TargetFormat = field(default_factory=TargetFormat)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        bad = [t for t in self.tasks if t not in TASKS]
+        if bad or not self.tasks:
+            raise ValueError(f"tasks={list(self.tasks)!r}; allowed: {', '.join(TASKS)}")
+        if self.n_subsets < 1:
+            raise ValueError(f"n_subsets={self.n_subsets}; must be >= 1")
+        if self.n_per_task < self.n_subsets:
+            raise ValueError(
+                f"n_per_task={self.n_per_task} is smaller than n_subsets={self.n_subsets}; "
+                "every subset needs at least one example of each task"
+            )
+        if self.max_length < 8:
+            raise ValueError(f"max_length={self.max_length}; must be >= 8")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["tasks"] = list(self.tasks)
+        d["format_version"] = FORMAT_VERSION
+        return d
+
+
+@dataclass(frozen=True)
+class CalibrationItem:
+    """One tokenized calibration example.
+
+    Attributes:
+        example: the source record.
+        quartile: length quartile (0 = shortest) within its task's pool.
+        subset: which of the K subsets it belongs to.
+        input_ids: prompt followed by target token ids.
+        target_start: index of the first target token in ``input_ids``.
+    """
+
+    example: Example
+    quartile: int
+    subset: int
+    input_ids: tuple[int, ...]
+    target_start: int
+
+    @property
+    def n_target(self) -> int:
+        return len(self.input_ids) - self.target_start
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A right-padded batch. Shapes: ``input_ids``, ``attention_mask``, ``labels``: (B, S).
+
+    ``labels`` is -100 except at target tokens; ``items`` are indices into the set's items.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    items: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    config: CalibrationConfig
+    style: str
+    items: tuple[CalibrationItem, ...]
+    pad_token_id: int
+
+    def subset_indices(self, k: int) -> list[int]:
+        return [i for i, it in enumerate(self.items) if it.subset == k]
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(it.input_ids) for it in self.items)
+
+    @property
+    def n_target_tokens(self) -> int:
+        return sum(it.n_target for it in self.items)
+
+    def batches(self, indices: list[int], batch_size: int, device="cpu") -> Iterator[Batch]:
+        """Batches of the given items, sorted by length (less padding), right-padded."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}; must be >= 1")
+        order = sorted(indices, key=lambda i: len(self.items[i].input_ids))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            yield make_batch([self.items[i] for i in chunk], tuple(chunk), self.pad_token_id, device)
+
+    def to_frame(self):
+        """One row per example: task, subset, quartile, tokens, target tokens."""
+        import pandas as pd
+
+        return pd.DataFrame([
+            dict(task=it.example.task, uid=it.example.uid, subset=it.subset, quartile=it.quartile,
+                 tokens=len(it.input_ids), target_tokens=it.n_target)
+            for it in self.items
+        ])
+
+
+def make_batch(items: list[CalibrationItem], index: tuple[int, ...], pad_id: int, device) -> Batch:
+    width = max(len(it.input_ids) for it in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    labels = torch.full((len(items), width), -100, dtype=torch.long)
+    for r, it in enumerate(items):
+        n = len(it.input_ids)
+        ids[r, :n] = torch.tensor(it.input_ids)
+        mask[r, :n] = 1
+        labels[r, it.target_start:n] = ids[r, it.target_start:n]
+    return Batch(ids.to(device), mask.to(device), labels.to(device), index)
+
+
+def stratified_sample(pool: list[Example], lengths: list[int], n: int, rng: random.Random) -> list[tuple[Example, int]]:
+    """``n`` examples spread evenly over the length quartiles of ``pool``: ``(example, quartile)``."""
+    if n > len(pool):
+        raise ValueError(f"asked for {n} examples but the pool holds {len(pool)}")
+    edges = np.quantile(np.asarray(lengths), [0.25, 0.5, 0.75])
+    quart = np.searchsorted(edges, np.asarray(lengths), side="right")
+    bins = [[i for i in range(len(pool)) if quart[i] == q] for q in range(4)]
+    want = [n // 4] * 4
+    for q in rng.sample(range(4), n % 4):
+        want[q] += 1
+    chosen = []
+    for q in range(4):  # a short bin (ties at an edge) passes its shortfall on
+        take = min(want[q], len(bins[q]))
+        if q < 3:
+            want[q + 1] += want[q] - take
+        chosen += [(pool[i], q) for i in rng.sample(bins[q], take)]
+    assert len(chosen) == n, (len(chosen), n)
+    return chosen
+
+
+def _truncate(prompt: list[int], target: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    if len(prompt) + len(target) <= max_length:
+        return prompt, target
+    keep_target = max(max_length - len(prompt), min(len(target), max_length // 2))
+    target = target[:keep_target]
+    return prompt[len(prompt) - (max_length - len(target)):], target
+
+
+def build_calibration_set(tokenizer, config: CalibrationConfig = CalibrationConfig(), data_dir=None) -> CalibrationSet:
+    """Sample, split and tokenize the calibration set.
+
+    Args:
+        tokenizer: the model's tokenizer (chat template used when it has one).
+        config: sizes, seed and formats.
+        data_dir: data folder (else ``$CAP_LAB_DATA``, else the hub).
+
+    Returns:
+        A :class:`CalibrationSet` of ``len(tasks) * n_per_task`` items in K subsets.
+    """
+    style = resolve_style(tokenizer, config.prompt_style)
+    items: list[CalibrationItem] = []
+    for t_index, task in enumerate(config.tasks):
+        rng = random.Random(f"{config.seed}:{task}")
+        pool = calibration_pool(task, data_dir)
+        lengths = [len(e.question) + len(calibration_target(e, config.target)) for e in pool]
+        chosen = stratified_sample(pool, lengths, config.n_per_task, rng)
+        rng.shuffle(chosen)
+        for j, (example, quartile) in enumerate(chosen):
+            prompt = encode_prompt(tokenizer, calibration_user_text(example), style)
+            target = encode_continuation(tokenizer, calibration_target(example, config.target), style)
+            prompt, target = _truncate(prompt, target, config.max_length)
+            subset = (j + t_index) % config.n_subsets  # rotate so subset sizes stay balanced
+            items.append(CalibrationItem(example, quartile, subset, tuple(prompt + target), len(prompt)))
+    return CalibrationSet(config, style, tuple(items), int(tokenizer.pad_token_id))

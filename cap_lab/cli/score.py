@@ -1,0 +1,55 @@
+"""``cap-lab score``: causal head scores of a model on the calibration set."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from cap_lab.calibration import build_calibration_set
+from cap_lab.cli.common import add_calibration_args, add_model_args, calibration_config_from_args, load_model_from_args
+from cap_lab.scoring import AGGREGATES, SCORING_METHODS, head_scores
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("score", help="score every attention head by masking it (paper Eq. 1-2)")
+    add_model_args(p)
+    add_calibration_args(p)
+    p.add_argument("--method", default=SCORING_METHODS[0], help=f"one of {', '.join(SCORING_METHODS)}")
+    p.add_argument("--aggregate", default="median", help=f"one of {', '.join(AGGREGATES)}")
+    p.add_argument("--out", default="scores.json", help="where to write the scores (JSON)")
+    p.add_argument("--force", action="store_true", help="recompute even if cached")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the score cache")
+    p.set_defaults(run=run)
+
+
+def scores_to_json(result, model_name: str) -> dict:
+    return {"model": model_name, "aggregate": result.aggregate, "scores": result.scores.tolist(),
+            "intact_losses": result.intact_losses.tolist(), "masked_losses": result.masked_losses.tolist(),
+            "settings": result.settings}
+
+
+def run(args) -> int:
+    config = calibration_config_from_args(args)  # validates before the slow load
+    if args.method not in SCORING_METHODS:
+        raise ValueError(f"scoring method {args.method!r}; allowed: {', '.join(SCORING_METHODS)}")
+    if args.aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate={args.aggregate!r}; allowed: {', '.join(AGGREGATES)}")
+    start = time.perf_counter()
+    lm = load_model_from_args(args)
+    calib = build_calibration_set(lm.tokenizer, config, args.data_dir)
+    print(f"calibration: {len(calib.items)} examples, {calib.n_tokens} tokens ({calib.n_target_tokens} target), "
+          f"K={config.n_subsets}, style={calib.style}")
+    result = head_scores(lm, calib, method=args.method, aggregate=args.aggregate, batch_size=args.batch_size,
+                         use_cache=not args.no_cache, force=args.force)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(scores_to_json(result, lm.name), indent=1, default=str))
+    s = result.scores
+    flat = s.flatten().argsort(descending=True)[:5]
+    top = ", ".join(f"L{int(i) // s.shape[1]}H{int(i) % s.shape[1]}={float(s.flatten()[i]):+.4f}" for i in flat)
+    print(f"intact loss per subset: {[round(float(x), 4) for x in result.intact_losses]}")
+    print(f"top heads: {top}")
+    print(f"scores ({s.shape[0]} layers x {s.shape[1]} heads) written to {out} in {time.perf_counter() - start:.1f} s")
+    if "path" in result.settings:
+        print(f"score cache entry: {result.settings['path']}")
+    return 0

@@ -1,0 +1,376 @@
+"""Weight pruning: CAP (paper Sec. 3.3, Eq. 3-4) and the baselines it is compared with.
+
+CAP turns head scores into weight scores:
+
+* importance factors ``I = 1 + 9 (s - min s) / (max s - min s)`` in [1, 10], all 1 when every
+  score is equal (Eq. 3);
+* region mapping: ``q_proj`` rows and ``o_proj`` columns of query head h get ``I[l, h]``;
+  ``k_proj``/``v_proj`` rows of key/value head g get the mean (``kv_reduce="mean"``, default)
+  or the max (``"max"``) of the factors of the query heads that share g under grouped-query
+  attention (the paper is silent on GQA: the mean treats the shared projection as serving its
+  group on average, the max protects it as much as its most important reader); MLP projections
+  (gate/up/down) get the layer's mean head factor;
+* weight score ``|W| * I`` (Eq. 4), and one global threshold over all decoder attention and MLP
+  linear weights (never embeddings, norms, biases or ``lm_head``), found by bisection to reach
+  the target sparsity within ``tolerance`` (1e-4 absolute). Counting is done per matrix, so no
+  tensor of all scores is ever built. If ties make the target unreachable by a threshold
+  alone, the tied weights are taken in parameter order until the target is met.
+
+Baselines, on the same calibration inputs and the same linear layers:
+
+* ``wanda``: ``|W_ij| * ||X_j||_2`` with input-feature norms over all non-padding calibration
+  tokens, pruned per output row at the target sparsity (the lowest ``int(in * s)`` of each row,
+  stable sort), layer by layer with each layer's inputs taken from the already pruned earlier
+  layers, as locuslab/wanda does;
+* ``magnitude``: ``|W|`` with one global threshold (``magnitude_scope="global"``) or the same
+  sparsity in every matrix (``"layer"``);
+* ``random``: a seeded random choice of the same fraction of each matrix.
+
+:func:`apply_pruning_masks` is the only function in cap_lab that changes a model's weights.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Iterator
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from cap_lab.adapters import ATTENTION_PROJECTIONS, ModelLayout, get_layout, model_device
+from cap_lab.calibration import CalibrationSet
+from cap_lab.hooks import StopForward, capture_inputs, stop_after
+
+PRUNE_METHODS = ("cap", "wanda", "magnitude", "random")
+KV_REDUCE = ("mean", "max")
+MAGNITUDE_SCOPES = ("global", "layer")
+MATRIX_TYPES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to prune and how.
+
+    Attributes:
+        method: ``cap``, ``wanda``, ``magnitude`` or ``random``.
+        sparsity: target fraction of prunable weights set to zero, in [0, 1).
+        kv_reduce: how k/v rows shared by several query heads get their factor (``mean``/``max``).
+        magnitude_scope: ``global`` threshold or the same sparsity per ``layer`` (magnitude only).
+        seed: seed of ``random``.
+        tolerance: allowed |achieved - target| sparsity of global-threshold methods.
+    """
+
+    method: str = "cap"
+    sparsity: float = 0.2
+    kv_reduce: str = "mean"
+    magnitude_scope: str = "global"
+    seed: int = 0
+    tolerance: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.method not in PRUNE_METHODS:
+            raise ValueError(f"unknown pruning method {self.method!r}; allowed: {', '.join(PRUNE_METHODS)}")
+        if not 0.0 <= float(self.sparsity) < 1.0:
+            raise ValueError(f"sparsity={self.sparsity!r} is outside [0, 1)")
+        if self.kv_reduce not in KV_REDUCE:
+            raise ValueError(f"kv_reduce={self.kv_reduce!r}; allowed: {', '.join(KV_REDUCE)}")
+        if self.magnitude_scope not in MAGNITUDE_SCOPES:
+            raise ValueError(f"magnitude_scope={self.magnitude_scope!r}; allowed: {', '.join(MAGNITUDE_SCOPES)}")
+        if not 0 < self.tolerance < 0.5:
+            raise ValueError(f"tolerance={self.tolerance!r}; must be in (0, 0.5)")
+
+
+# ------------------------------------------------------------------ CAP scores (pure)
+def importance_factors(scores: torch.Tensor) -> torch.Tensor:
+    """Eq. 3: (L, H) causal scores -> (L, H) factors in [1, 10] (all 1 if scores are equal)."""
+    s = scores.double()
+    lo, hi = s.min(), s.max()
+    if hi == lo:
+        return torch.ones_like(s, dtype=torch.float32)
+    return (1.0 + 9.0 * (s - lo) / (hi - lo)).float()
+
+
+@dataclass(frozen=True)
+class RegionFactor:
+    """The factor of every weight of one matrix: by ``rows`` (out,), by ``cols`` (in,), or a ``scalar``."""
+
+    rows: torch.Tensor | None = None
+    cols: torch.Tensor | None = None
+    scalar: float | None = None
+
+    def expand(self, weight: torch.Tensor) -> torch.Tensor:
+        """A factor broadcastable to ``weight`` (out, in)."""
+        if self.rows is not None:
+            return self.rows.to(weight.device).view(-1, 1)
+        if self.cols is not None:
+            return self.cols.to(weight.device).view(1, -1)
+        return torch.tensor(self.scalar, device=weight.device)
+
+
+def region_factors(factors: torch.Tensor, layout: ModelLayout, kv_reduce: str = "mean") -> dict[tuple[int, str], RegionFactor]:
+    """Map (L, H) head factors onto every prunable matrix, keyed ``(layer, projection)``."""
+    if kv_reduce not in KV_REDUCE:
+        raise ValueError(f"kv_reduce={kv_reduce!r}; allowed: {', '.join(KV_REDUCE)}")
+    d = layout.head_dim
+    out = {}
+    for l in range(layout.num_layers):
+        f = factors[l].float()  # (H,)
+        grouped = f.view(layout.num_kv_heads, layout.group_size)  # (KV, H/KV), repeat_kv order
+        kv = grouped.mean(dim=1) if kv_reduce == "mean" else grouped.max(dim=1).values  # (KV,)
+        out[(l, "q_proj")] = RegionFactor(rows=f.repeat_interleave(d))
+        out[(l, "k_proj")] = RegionFactor(rows=kv.repeat_interleave(d))
+        out[(l, "v_proj")] = RegionFactor(rows=kv.repeat_interleave(d))
+        out[(l, "o_proj")] = RegionFactor(cols=f.repeat_interleave(d))
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            out[(l, name)] = RegionFactor(scalar=float(f.mean()))
+    return out
+
+
+ScoreFn = Callable[[int, str, torch.Tensor], torch.Tensor]
+
+
+def cap_score_fn(head_scores: torch.Tensor, layout: ModelLayout, kv_reduce: str = "mean") -> ScoreFn:
+    """Eq. 4 as a function ``(layer, projection, W) -> |W| * I`` (float32, W's shape)."""
+    regions = region_factors(importance_factors(head_scores), layout, kv_reduce)
+    return lambda layer, name, w: w.detach().abs().float() * regions[(layer, name)].expand(w)
+
+
+def magnitude_score_fn(layer: int, name: str, w: torch.Tensor) -> torch.Tensor:
+    return w.detach().abs().float()
+
+
+# ------------------------------------------------------------------ selection (pure)
+Target = tuple[int, str, nn.Linear]
+
+
+def _count_below(score_fn: ScoreFn, targets: list[Target], t: float) -> int:
+    return sum(int((score_fn(l, n, m.weight) < t).sum()) for l, n, m in targets)
+
+
+def global_threshold(score_fn: ScoreFn, targets: list[Target], sparsity: float, tolerance: float = 1e-4,
+                     max_iter: int = 100) -> tuple[float, float, int]:
+    """Bisection for one threshold over all matrices.
+
+    Returns:
+        ``(lo, hi, extra)``: prune every weight with score < ``lo``, plus the first ``extra``
+        weights (parameter order) with ``lo <= score < hi`` (non-zero only when ties block the
+        target). The total is within ``tolerance`` of ``sparsity``.
+    """
+    total = sum(m.weight.numel() for _, _, m in targets)
+    want = round(sparsity * total)
+    slack = int(tolerance * total * 0.5)
+    if want == 0:
+        return 0.0, 0.0, 0
+    hi = max(float(score_fn(l, n, m.weight).max()) for l, n, m in targets)
+    hi = hi * (1 + 1e-6) + 1e-30
+    lo, n_lo = 0.0, _count_below(score_fn, targets, 0.0)
+    for _ in range(max_iter):
+        if abs(n_lo - want) <= slack:
+            return lo, lo, 0
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):
+            break
+        n_mid = _count_below(score_fn, targets, mid)
+        if n_mid <= want:
+            lo, n_lo = mid, n_mid
+        else:
+            hi = mid
+    return lo, hi, max(0, want - n_lo)
+
+
+def threshold_masks(score_fn: ScoreFn, targets: list[Target], lo: float, hi: float, extra: int) -> Iterator[tuple[nn.Linear, torch.Tensor]]:
+    """Boolean prune masks of a :func:`global_threshold` result, one matrix at a time."""
+    for l, n, m in targets:
+        score = score_fn(l, n, m.weight)
+        mask = score < lo
+        if extra > 0:
+            tied = ((score >= lo) & (score < hi)).flatten().nonzero().squeeze(1)[:extra]
+            mask.view(-1)[tied] = True
+            extra -= tied.numel()
+        yield m, mask
+
+
+def per_matrix_masks(score_fn: ScoreFn, targets: list[Target], sparsity: float) -> Iterator[tuple[nn.Linear, torch.Tensor]]:
+    """Prune the lowest ``round(sparsity * numel)`` scores of every matrix."""
+    for l, n, m in targets:
+        score = score_fn(l, n, m.weight).flatten()
+        k = round(sparsity * score.numel())
+        mask = torch.zeros_like(score, dtype=torch.bool)
+        if k:
+            mask[torch.sort(score, stable=True).indices[:k]] = True
+        yield m, mask.view_as(m.weight)
+
+
+def random_score_fn(seed: int) -> ScoreFn:
+    def fn(layer: int, name: str, w: torch.Tensor) -> torch.Tensor:
+        g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{layer}:{name}".encode()))
+        return torch.rand(w.shape, generator=g).to(w.device)
+
+    return fn
+
+
+def wanda_row_mask(weight: torch.Tensor, input_norm_sq: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Wanda's per-output-row selection. weight: (out, in); input_norm_sq: (in,) sum of squares.
+
+    Returns a (out, in) bool mask of the lowest ``int(in * sparsity)`` of ``|W| * ||X||`` per row.
+    """
+    metric = weight.detach().abs().float() * input_norm_sq.float().to(weight.device).sqrt().view(1, -1)
+    k = int(weight.shape[1] * sparsity)
+    mask = torch.zeros_like(metric, dtype=torch.bool)
+    if k:
+        mask.scatter_(1, torch.sort(metric, dim=-1, stable=True).indices[:, :k], True)
+    return mask
+
+
+@torch.inference_mode()
+def wanda_input_norms(model: nn.Module, layout: ModelLayout, calib: CalibrationSet, layer: int, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Sum over non-padding calibration tokens of each input feature squared, for layer ``layer``.
+
+    Returns ``{projection: (in_features,)}``; the forward stops after that layer.
+    """
+    modules = {n: m for l, n, m in layout.linear_weights(model) if l == layer}
+    sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in modules.items()}
+    state = {}
+
+    def accumulate(name: str, x: torch.Tensor) -> None:  # x: (B, S, in)
+        keep = state["mask"].to(x.device, torch.float32).unsqueeze(-1)
+        sums[name] += ((x.float() ** 2) * keep).sum(dim=(0, 1)).double().cpu()
+
+    device = model_device(model)
+    with capture_inputs(modules, accumulate), stop_after(layout.layers(model)[layer]):
+        for batch in calib.batches(list(range(len(calib.items))), batch_size, device):
+            state["mask"] = batch.attention_mask
+            try:
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            except StopForward:
+                pass
+    return sums
+
+
+# ------------------------------------------------------------------ the one mutation
+@torch.no_grad()
+def apply_pruning_masks(masks: Iterable[tuple[nn.Linear, torch.Tensor]]) -> int:
+    """Set every weight selected by a mask exactly to zero, in place. Returns how many were selected.
+
+    This is the only function in cap_lab that changes model weights.
+    """
+    selected = 0
+    for module, mask in masks:
+        module.weight.masked_fill_(mask.to(module.weight.device), 0)
+        selected += int(mask.sum())
+    return selected
+
+
+# ------------------------------------------------------------------ driver
+@dataclass(frozen=True)
+class PruneResult:
+    """Outcome of :func:`prune_model`.
+
+    Attributes:
+        config: the settings used.
+        target_sparsity: what was asked.
+        achieved_sparsity: fraction of prunable weights that are now zero.
+        selected: number of weights the method selected.
+        total: number of prunable weights.
+        threshold: the global threshold (global-threshold methods), else ``None``.
+        report: per-matrix sparsity (see :func:`sparsity_report`).
+    """
+
+    config: PruneConfig
+    target_sparsity: float
+    achieved_sparsity: float
+    selected: int
+    total: int
+    threshold: float | None
+    report: pd.DataFrame
+
+    def summary(self) -> dict:
+        return dict(asdict(self.config), target_sparsity=self.target_sparsity, achieved_sparsity=self.achieved_sparsity,
+                    selected=self.selected, total=self.total, threshold=self.threshold)
+
+
+def prune_model(model: nn.Module, config: PruneConfig, *, head_scores: torch.Tensor | None = None,
+                calib: CalibrationSet | None = None, batch_size: int = 8, progress: bool = True) -> PruneResult:
+    """Prune a model in place to ``config.sparsity``.
+
+    Args:
+        model: a supported causal LM (changed in place).
+        config: method and target.
+        head_scores: (L, H) causal scores, required by ``cap``.
+        calib: calibration set, required by ``wanda``.
+        batch_size: calibration items per forward (``wanda``).
+        progress: progress bar (``wanda``'s layer loop).
+
+    Returns:
+        A :class:`PruneResult` with the achieved sparsity and a per-matrix report.
+    """
+    layout = get_layout(model)
+    targets = layout.linear_weights(model)
+    total = sum(m.weight.numel() for _, _, m in targets)
+    threshold = None
+    if config.method == "cap":
+        if head_scores is None:
+            raise ValueError("method 'cap' needs head_scores (see cap_lab.scoring.head_scores)")
+        if tuple(head_scores.shape) != (layout.num_layers, layout.num_heads):
+            raise ValueError(f"head_scores shape {tuple(head_scores.shape)}; expected ({layout.num_layers}, {layout.num_heads})")
+        fn = cap_score_fn(head_scores, layout, config.kv_reduce)
+        lo, hi, extra = global_threshold(fn, targets, config.sparsity, config.tolerance)
+        threshold = lo
+        selected = apply_pruning_masks(threshold_masks(fn, targets, lo, hi, extra))
+    elif config.method == "magnitude" and config.magnitude_scope == "global":
+        lo, hi, extra = global_threshold(magnitude_score_fn, targets, config.sparsity, config.tolerance)
+        threshold = lo
+        selected = apply_pruning_masks(threshold_masks(magnitude_score_fn, targets, lo, hi, extra))
+    elif config.method in ("magnitude", "random"):
+        fn = magnitude_score_fn if config.method == "magnitude" else random_score_fn(config.seed)
+        selected = apply_pruning_masks(per_matrix_masks(fn, targets, config.sparsity))
+    else:  # wanda, sequential over layers
+        if calib is None:
+            raise ValueError("method 'wanda' needs a calibration set")
+        selected = 0
+        for layer in tqdm(range(layout.num_layers), desc="wanda layers", disable=not progress):
+            norms = wanda_input_norms(model, layout, calib, layer, batch_size)
+            layer_targets = [(n, m) for l, n, m in targets if l == layer]
+            selected += apply_pruning_masks((m, wanda_row_mask(m.weight, norms[n], config.sparsity)) for n, m in layer_targets)
+    report = sparsity_report(model, layout)
+    achieved = float(report["zeros"].sum() / report["numel"].sum())
+    return PruneResult(config, float(config.sparsity), achieved, selected, total, threshold, report)
+
+
+def sparsity_report(model: nn.Module, layout: ModelLayout | None = None) -> pd.DataFrame:
+    """Fraction of exact zeros in every prunable matrix.
+
+    Returns:
+        DataFrame with columns ``layer``, ``matrix`` (q/k/v/o/gate/up/down), ``numel``,
+        ``zeros``, ``sparsity``. Group it by ``layer`` or ``matrix`` with :func:`sparsity_by`.
+    """
+    layout = layout or get_layout(model)
+    rows = []
+    for l, n, m in layout.linear_weights(model):
+        zeros = int((m.weight == 0).sum())
+        rows.append(dict(layer=l, matrix=MATRIX_TYPES[n], numel=m.weight.numel(), zeros=zeros, sparsity=zeros / m.weight.numel()))
+    return pd.DataFrame(rows)
+
+
+def sparsity_by(report: pd.DataFrame, key: str) -> pd.DataFrame:
+    """Aggregate a :func:`sparsity_report` by ``layer`` or ``matrix``."""
+    if key not in ("layer", "matrix"):
+        raise ValueError(f"key={key!r}; allowed: layer, matrix")
+    g = report.groupby(key, sort=key == "layer")[["numel", "zeros"]].sum()
+    g["sparsity"] = g["zeros"] / g["numel"]
+    return g.reset_index()
+
+
+def attention_sparsity_per_head(model: nn.Module, layout: ModelLayout | None = None) -> torch.Tensor:
+    """(L, H) fraction of zeros in each query head's q rows and o columns (for heatmaps)."""
+    layout = layout or get_layout(model)
+    d = layout.head_dim
+    out = torch.zeros(layout.num_layers, layout.num_heads)
+    for l in range(layout.num_layers):
+        attn = layout.attention(model, l)
+        q = (attn.q_proj.weight == 0).view(layout.num_heads, d, -1).float().mean(dim=(1, 2))
+        o = (attn.o_proj.weight == 0).view(-1, layout.num_heads, d).float().mean(dim=(0, 2))
+        out[l] = ((q + o) / 2).cpu()
+    return out
