@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny random models, a small hand-written data dir, an isolated cache."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from cap_lab.models import tiny_random_model
+
+REAL_DATA = os.environ.get("CAP_LAB_DATA")
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Every test gets its own score/result cache; the real model cache is kept shared."""
+    real = os.environ.get("CAP_LAB_CACHE") or str(Path.home() / ".cache" / "cap_lab")
+    monkeypatch.setenv("CAP_LAB_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    models = Path(real) / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "cache" / "models").symlink_to(models, target_is_directory=True)
+    yield
+
+
+@pytest.fixture
+def tiny():
+    return tiny_random_model("llama", seed=0)
+
+
+def _gsm(i: int) -> dict:
+    a, b = 3 + i, 4 + 2 * i
+    return {"question": f"Tom has {a} apples and buys {b} more{' today' * (i % 4)}. How many apples does he have?",
+            "answer": f"Tom starts with {a} apples.\nHe buys {b} more, so {a} + {b} = <<{a}+{b}={a + b}>>{a + b}.\n#### {a + b}"}
+
+
+def _arc(i: int, split: str) -> dict:
+    labels = ["A", "B", "C", "D"] if i % 5 else ["1", "2", "3", "4"]
+    return {"id": f"arc-{split}-{i}",
+            "question": {"stem": f"Which object {split} {i} is the heaviest{' of all' * (i % 4)}?",
+                         "choices": [{"label": l, "text": f"object {k} of {i}"} for k, l in enumerate(labels)]},
+            "answerKey": labels[i % 4]}
+
+
+def _sqa(i: int, split: str) -> dict:
+    return {"qid": f"sqa-{split}-{i}", "term": "t", "description": "d",
+            "question": f"Is the number {i} in {split} larger than {i % 7}{' indeed' * (i % 4)}?",
+            "answer": bool(i % 2), "facts": [f"{i} is a number.", f"{i % 7} is smaller than 7."],
+            "decomposition": []}
+
+
+def write_data_dir(root: Path, n_train: int = 16, n_eval: int = 6) -> Path:
+    """A small data dir with the real layout and formats; examples written for these tests."""
+    (root / "gsm8k").mkdir(parents=True)
+    (root / "arc_challenge").mkdir()
+    (root / "strategyqa").mkdir()
+    (root / "wikitext2_raw").mkdir()
+    (root / "gsm8k/train.jsonl").write_text("".join(json.dumps(_gsm(i)) + "\n" for i in range(n_train)))
+    (root / "gsm8k/test.jsonl").write_text("".join(json.dumps(_gsm(100 + i)) + "\n" for i in range(n_eval)))
+    for split, n in (("train", n_train), ("validation", n_eval), ("test", n_eval)):
+        (root / f"arc_challenge/{split}.jsonl").write_text("".join(json.dumps(_arc(i, split)) + "\n" for i in range(n)))
+    (root / "strategyqa/train.json").write_text(json.dumps([_sqa(i, "train") for i in range(n_train)]))
+    (root / "strategyqa/dev.json").write_text(json.dumps([_sqa(i, "dev") for i in range(n_eval)]))
+    lines = [" \n", " = Heading = \n", " \n"] + [f" The sentence number {i} is here . \n" for i in range(40)]
+    (root / "wikitext2_raw/wiki.test.raw").write_text("".join(lines))
+    return root
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    return write_data_dir(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture
+def real_data_dir() -> Path:
+    if not REAL_DATA:
+        pytest.skip("CAP_LAB_DATA is not set")
+    return Path(REAL_DATA)
+
+
+def state_copy(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
