@@ -1,0 +1,60 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from cap_lab.cli import main
+from cap_lab.models import tiny_random_model
+from cap_lab.pruning import PruneConfig, prune_model
+from cap_lab.saving import read_prune_info, save_pruned
+
+
+def test_save_reload_keeps_zeros_and_config(tmp_path):
+    lm = tiny_random_model("gemma3")
+    res = prune_model(lm.model, PruneConfig(method="magnitude", sparsity=0.3))
+    out = save_pruned(lm.model, lm.tokenizer, tmp_path / "pruned", {"method": "magnitude", "achieved_sparsity": res.achieved_sparsity})
+    back = AutoModelForCausalLM.from_pretrained(out)
+    for (k, a), (k2, b) in zip(sorted(lm.model.state_dict().items()), sorted(back.state_dict().items())):
+        assert k == k2 and torch.equal(a, b), k
+    assert back.config.to_dict()["layer_types"] == lm.model.config.to_dict()["layer_types"]
+    info = read_prune_info(out)
+    assert info["method"] == "magnitude" and "cap_lab_version" in info and "saved" in info
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    with pytest.raises(FileExistsError, match="pruned"):
+        save_pruned(lm.model, lm.tokenizer, out)
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    lm = tiny_random_model("llama")
+    lm.model.save_pretrained(tmp_path / "tiny")
+    lm.tokenizer.save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+def test_cli_score_then_prune_on_a_local_model(tiny_dir, data_dir, tmp_path, capsys):
+    common = ["--model", str(tiny_dir), "--data-dir", str(data_dir), "--calib-per-task", "2", "--subsets", "2", "--max-length", "32"]
+    assert main(["score", *common, "--out", str(tmp_path / "s.json")]) == 0
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert len(scores["scores"]) == 3 and len(scores["scores"][0]) == 4
+    assert "written to" in capsys.readouterr().out
+    for method in ("cap", "wanda"):
+        out = tmp_path / f"p-{method}"
+        assert main(["prune", *common, "--method", method, "--sparsity", "0.2", "--scores", str(tmp_path / "s.json"), "--out", str(out)]) == 0
+        info = read_prune_info(out)
+        assert info["method"] == method and abs(info["achieved_sparsity"] - 0.2) < 0.02  # wanda floors int(in * s) per row
+        assert info["source_model"]["name"] == str(tiny_dir)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["prune", "--sparsity", "1.5", "--out", "x"], "sparsity=1.5"),
+    (["prune", "--sparsity", "0.2", "--method", "obd", "--out", "x"], "'obd'"),
+    (["score", "--calib-per-task", "2", "--subsets", "3"], "n_per_task=2"),
+    (["score", "--model", "no-such-model-anywhere-xyz", "--calib-per-task", "2", "--subsets", "2"], "no-such-model"),
+])
+def test_cli_bad_input_exits_nonzero_with_one_line(args, needle, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cap-lab: error:") and needle in err and "\n" not in err and "Traceback" not in err
