@@ -157,14 +157,19 @@ class LoadedModel:
     tokenizer: Any
     name: str
     source: str
-    _fingerprint: str | None = field(default=None, repr=False)
+    _fingerprint: tuple[tuple[int, ...], str] | None = field(default=None, repr=False)
 
     @property
     def fingerprint(self) -> str:
-        """Hash of the current weights (see :func:`model_fingerprint`); computed once."""
-        if self._fingerprint is None:
-            self._fingerprint = model_fingerprint(self.model)
-        return self._fingerprint
+        """Hash of the current weights (see :func:`model_fingerprint`).
+
+        Recomputed whenever any parameter was modified in place since the last call (torch's
+        per-tensor version counters tell), so pruning in place never leaves a stale identity.
+        """
+        versions = tuple(p._version for p in self.model.state_dict().values())
+        if self._fingerprint is None or self._fingerprint[0] != versions:
+            self._fingerprint = (versions, model_fingerprint(self.model))
+        return self._fingerprint[1]
 
     def identity(self) -> dict[str, str]:
         """Model identity recorded with every cached score and result."""

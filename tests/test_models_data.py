@@ -103,3 +103,14 @@ def test_calibration_pool_drops_questions_that_occur_in_evaluation(tmp_path, dat
     assert len(pool) == len(train) - 1
     with pytest.raises(AssertionError, match="overlap"):
         assert_disjoint(load_task("arc_challenge", "train", d), load_task("arc_challenge", "test", d))
+
+
+def test_fingerprint_follows_in_place_pruning():
+    from cap_lab.pruning import PruneConfig, prune_model
+
+    lm = tiny_random_model("llama")
+    dense = lm.fingerprint
+    assert lm.fingerprint == dense
+    prune_model(lm.model, PruneConfig(method="magnitude", sparsity=0.5))
+    assert lm.fingerprint != dense
+    assert tiny_random_model("llama").fingerprint == dense
