@@ -1,0 +1,216 @@
+"""Named run profiles: what the notebooks and ``scripts/run_notebooks.py`` compute, and how big.
+
+A profile is a frozen dataclass listing the models, the calibration set (paper Sec. 3.1: n per
+task, K subsets, seed, max length), the scoring method, the pruning methods and sparsities
+(Sec. 4), and the evaluation tasks and sizes (Sec. 4-5). Three are built in:
+
+* ``ci``: the real default model on the real data with the smallest settings that still
+  exercise every code path (every notebook runs end to end in CI);
+* ``cpu``: the main job on a laptop-class CPU: the default model and ``gemma3-270m``, sized so
+  notebooks 01-04 finish in under 45 minutes on a 2-core machine. Log-likelihood accuracy and
+  WikiText-2 perplexity carry the signal at this model size; CoT accuracy runs on a smaller
+  limit;
+* ``paper``: the paper's settings (Llama-3-8B-Instruct and Mistral-7B-Instruct-v0.2 from the
+  hub, 128 per task, K=3, 10/20/50% sparsity, full test sets, 100 windows of 2048 tokens of
+  WikiText-2) for a GPU machine;
+
+plus ``tiny``: a seeded random tiny Llama (:func:`cap_lab.models.tiny_random_model`), used by
+the tests and the browser test, where only the plumbing matters.
+
+A notebook picks its profile with its ``profile`` parameter; ``None`` means the
+``CAP_LAB_PROFILE`` environment variable, else ``cpu``::
+
+    >>> from cap_lab.config import get_profile
+    >>> get_profile("ci").sparsities
+    (0.5,)
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from cap_lab.calibration import CalibrationConfig
+from cap_lab.models import DEFAULT_MODEL, LoadedModel, load_model, tiny_random_model
+
+DEFAULT_PROFILE = "cpu"
+PRUNE_METHODS = ("magnitude", "wanda", "cap")  # the Table 1 rows, besides Dense
+EVAL_TASKS = ("gsm8k", "strategyqa", "arc_challenge")
+TINY_PREFIX = "tiny-"  # "tiny-llama", "tiny-gemma3": seeded random test models
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How each sweep cell is evaluated (:func:`cap_lab.evaluation.evaluate`).
+
+    Attributes:
+        tasks: reasoning benchmarks, scored by log-likelihood of the gold answer.
+        loglik_limit: examples per task for log-likelihood accuracy (``None``: the whole split).
+        cot_limit: examples per task for greedy chain-of-thought accuracy (0: skip CoT).
+        cot_max_new_tokens: generation budget of CoT (``None``: the evaluator's default).
+        ppl_seqlen: WikiText-2 window length in tokens.
+        ppl_windows: number of WikiText-2 windows (``None``: the whole test split).
+        batch_size: sequences per forward.
+        seed: which examples a limited evaluation takes.
+    """
+
+    tasks: tuple[str, ...] = EVAL_TASKS
+    loglik_limit: int | None = 200
+    cot_limit: int = 20
+    cot_max_new_tokens: int | None = 256
+    ppl_seqlen: int = 512
+    ppl_windows: int | None = 8
+    batch_size: int = 8
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return dict(asdict(self), tasks=list(self.tasks))
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One named set of run settings.
+
+    Attributes:
+        name: ``ci``, ``cpu``, ``paper`` or ``tiny``.
+        models: model aliases, folders or hub ids (``tiny-<arch>`` for random test models).
+        calibration: the calibration set (n per task, K, seed, max length, tasks).
+        stability_seed: a second calibration seed, for ranking stability (notebook 02).
+        score_method: head scorer (``exact`` masks every head; see :mod:`cap_lab.scoring`).
+        score_batch_size: calibration items per scoring forward.
+        magnitude_scope: ``layer`` (the same sparsity in every matrix) or ``global`` (one
+            threshold) for the magnitude baseline; ``layer`` is much cheaper on a CPU.
+        methods: pruning methods compared with the dense model.
+        sparsities: target global sparsities.
+        eval: evaluation sizes.
+        explorer_sparsities: the slider's stops in notebook 05.
+        figures_dir: where figures and tables go, relative to the repository root (``ci``
+            and ``tiny`` write to the git-ignored ``executed/`` so the committed ``cpu``
+            figures are never overwritten).
+        description: one line for reports.
+    """
+
+    name: str
+    models: tuple[str, ...]
+    calibration: CalibrationConfig
+    stability_seed: int = 1
+    score_method: str = "exact"
+    score_batch_size: int = 8
+    magnitude_scope: str = "layer"
+    methods: tuple[str, ...] = PRUNE_METHODS
+    sparsities: tuple[float, ...] = (0.1, 0.2, 0.5)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    explorer_sparsities: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
+    figures_dir: str = "figures"
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in PRUNE_METHODS]
+        if bad:
+            raise ValueError(f"methods {bad!r}; allowed: {', '.join(PRUNE_METHODS)}")
+        bad = [s for s in self.sparsities + self.explorer_sparsities if not 0.0 < s < 1.0]
+        if bad:
+            raise ValueError(f"sparsities {bad!r} are outside (0, 1)")
+        if not self.models:
+            raise ValueError(f"profile {self.name!r} lists no models")
+
+    def to_dict(self) -> dict:
+        """JSON-ready settings (recorded in the figure manifest)."""
+        return dict(
+            name=self.name, models=list(self.models), calibration=self.calibration.to_dict(),
+            stability_seed=self.stability_seed, score_method=self.score_method,
+            magnitude_scope=self.magnitude_scope,
+            methods=list(self.methods), sparsities=list(self.sparsities), eval=self.eval.to_dict(),
+            explorer_sparsities=list(self.explorer_sparsities), figures_dir=self.figures_dir,
+        )
+
+    def with_models(self, *models: str) -> "Profile":
+        """The same profile for other models."""
+        return replace(self, models=tuple(models))
+
+
+PROFILES: dict[str, Profile] = {
+    p.name: p
+    for p in (
+        Profile(
+            name="tiny",
+            models=("tiny-llama",),
+            calibration=CalibrationConfig(n_per_task=4, n_subsets=2, max_length=64),
+            score_method="exact",
+            sparsities=(0.2, 0.5),
+            eval=EvalSettings(loglik_limit=3, cot_limit=1, cot_max_new_tokens=8, ppl_seqlen=32, ppl_windows=1, batch_size=4),
+            figures_dir="executed/figures-tiny",
+            description="seeded random tiny Llama: plumbing only (tests, browser test)",
+        ),
+        Profile(
+            name="ci",
+            models=(DEFAULT_MODEL,),
+            calibration=CalibrationConfig(n_per_task=2, n_subsets=2, max_length=64),
+            score_method="exact",
+            sparsities=(0.5,),
+            eval=EvalSettings(loglik_limit=2, cot_limit=1, cot_max_new_tokens=16, ppl_seqlen=128, ppl_windows=1, batch_size=4),
+            explorer_sparsities=(0.2, 0.5),
+            figures_dir="executed/figures-ci",
+            description="real default model, smallest settings that exercise every code path",
+        ),
+        Profile(
+            name="cpu",
+            models=(DEFAULT_MODEL, "gemma3-270m"),
+            calibration=CalibrationConfig(n_per_task=4, n_subsets=2, max_length=128),
+            score_method="exact",
+            sparsities=(0.2, 0.5),
+            eval=EvalSettings(loglik_limit=100, cot_limit=10, cot_max_new_tokens=128, ppl_seqlen=512, ppl_windows=4, batch_size=8),
+            figures_dir="figures",
+            description="laptop-class CPU: default model + gemma3-270m, < 45 min for notebooks 01-04",
+        ),
+        Profile(
+            name="paper",
+            models=("meta-llama/Meta-Llama-3-8B-Instruct", "mistralai/Mistral-7B-Instruct-v0.2"),
+            calibration=CalibrationConfig(n_per_task=128, n_subsets=3, max_length=512),
+            score_method="exact",
+            score_batch_size=16,
+            magnitude_scope="global",
+            sparsities=(0.1, 0.2, 0.5),
+            eval=EvalSettings(loglik_limit=None, cot_limit=100_000, cot_max_new_tokens=512, ppl_seqlen=2048, ppl_windows=100, batch_size=16),
+            figures_dir="figures/paper",
+            description="the paper's settings, for a GPU machine",
+        ),
+    )
+}
+
+
+def get_profile(name: str | Profile | None = None) -> Profile:
+    """The profile called ``name``; ``None`` reads ``CAP_LAB_PROFILE`` (default ``cpu``).
+
+    Raises:
+        ValueError: an unknown name (lists the known ones).
+    """
+    if isinstance(name, Profile):
+        return name
+    chosen = name or os.environ.get("CAP_LAB_PROFILE") or DEFAULT_PROFILE
+    if chosen not in PROFILES:
+        raise ValueError(f"unknown profile {chosen!r}; known: {', '.join(PROFILES)}")
+    return PROFILES[chosen]
+
+
+def repo_root() -> Path:
+    """The checkout this package runs from (editable install), else the working directory."""
+    here = Path(__file__).resolve().parents[1]
+    return here if (here / "pyproject.toml").is_file() else Path.cwd()
+
+
+def figures_dir(profile: Profile) -> Path:
+    """Output folder of a profile's figures: ``$CAP_LAB_FIGURES`` if set, else the profile's."""
+    chosen = os.environ.get("CAP_LAB_FIGURES")
+    path = Path(chosen) if chosen else repo_root() / profile.figures_dir
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def load_profile_model(name: str, device: str | None = None) -> LoadedModel:
+    """``load_model`` that also accepts ``tiny-<arch>`` (a seeded random tiny model)."""
+    if name.startswith(TINY_PREFIX):
+        lm = tiny_random_model(name[len(TINY_PREFIX):], seed=0)
+        lm.name = name
+        return lm
+    return load_model(name, device=device)

@@ -1,0 +1,367 @@
+"""The sparsity sweep behind Table 1 (paper Sec. 5) and Sec. 5.3, cached cell by cell.
+
+For one model, a sweep visits the dense model and every (method, sparsity) of a profile
+(:mod:`cap_lab.config`). Each cell
+
+1. restores the dense weights from a CPU copy of the prunable matrices (:class:`DenseWeights`:
+   pruning only ever zeroes decoder linear weights, so copying those back is exact),
+2. prunes with :func:`cap_lab.pruning.prune_model` (CAP uses the cached head scores; Wanda and
+   the head scores use the same calibration set),
+3. records what pruning did (achieved sparsity, per layer, per matrix type, per head),
+4. evaluates (:func:`cap_lab.evaluation.evaluate`): log-likelihood accuracy and CoT accuracy
+   on the reasoning tasks and WikiText-2 perplexity, each with its confidence interval,
+5. writes the record to the settings-keyed cache (:mod:`cap_lab.cache`, kind ``sweep``).
+
+A cell's key holds the dense model's identity (name and weight fingerprint), the calibration
+settings, the scoring method, the pruning settings and the evaluation settings, so an
+interrupted sweep resumes at the first missing cell, and notebooks 03, 04 and 05 read what an
+earlier notebook computed. The pruning summary alone is also cached (kind ``prune``) so the
+explorer (notebook 05) can show any cell without pruning again.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import pandas as pd
+import torch
+from torch import nn
+
+from cap_lab import cache
+from cap_lab.adapters import get_layout
+from cap_lab.calibration import CalibrationSet, build_calibration_set
+from cap_lab.config import Profile, get_profile, load_profile_model
+from cap_lab.models import LoadedModel
+from cap_lab.pruning import PruneConfig, attention_sparsity_per_head, prune_model, sparsity_by
+from cap_lab.scoring import HeadScores, head_scores
+
+SWEEP_VERSION = "1"
+DENSE = "dense"
+
+
+# ------------------------------------------------------------------ dense weights
+class DenseWeights:
+    """A CPU copy of every prunable matrix of a model, to undo pruning exactly.
+
+    Example:
+        >>> dense = DenseWeights(lm.model)          # doctest: +SKIP
+        >>> prune_model(lm.model, PruneConfig("cap", 0.2), head_scores=s)  # doctest: +SKIP
+        >>> dense.restore(lm.model)                 # bit-for-bit the dense model again  # doctest: +SKIP
+    """
+
+    def __init__(self, model: nn.Module):
+        self._weights = [w.detach().to("cpu", copy=True) for _, _, w in self._modules(model)]
+
+    @staticmethod
+    def _modules(model: nn.Module) -> list[tuple[int, str, torch.Tensor]]:
+        return [(l, n, m.weight) for l, n, m in get_layout(model).linear_weights(model)]
+
+    @torch.no_grad()
+    def restore(self, model: nn.Module) -> None:
+        """Copy the dense weights back into ``model`` (the model it was taken from)."""
+        modules = self._modules(model)
+        assert len(modules) == len(self._weights), (len(modules), len(self._weights))
+        for (_, _, w), saved in zip(modules, self._weights):
+            w.copy_(saved.to(w.device))
+
+
+# ------------------------------------------------------------------ cells
+@dataclass(frozen=True)
+class SweepCell:
+    """One column of Table 1's rows: the dense model, or a method at a sparsity."""
+
+    method: str
+    sparsity: float
+
+    @property
+    def label(self) -> str:
+        return "Dense" if self.method == DENSE else f"{self.method} {self.sparsity:.0%}"
+
+
+def sweep_cells(profile: Profile) -> list[SweepCell]:
+    """Dense first, then every method at every sparsity of the profile."""
+    return [SweepCell(DENSE, 0.0)] + [SweepCell(m, float(s)) for s in profile.sparsities for m in profile.methods]
+
+
+def prune_config(profile: Profile, method: str, sparsity: float) -> PruneConfig:
+    return PruneConfig(method=method, sparsity=float(sparsity), magnitude_scope=profile.magnitude_scope)
+
+
+@dataclass
+class SweepContext:
+    """What every cell of one model needs: the model, its dense weights, calibration and scores.
+
+    Attributes:
+        profile: the run profile.
+        lm: the loaded model (pruned in place by a cell, restored after).
+        dense: the CPU copy of its prunable weights.
+        identity: the dense model's identity (name and fingerprint).
+        calib: the calibration set of the profile.
+        scores: CAP's head scores (``None`` until first needed).
+        data_dir: benchmark data folder (``None``: ``$CAP_LAB_DATA``).
+    """
+
+    profile: Profile
+    lm: LoadedModel
+    dense: DenseWeights
+    identity: dict
+    calib: CalibrationSet
+    data_dir: object = None
+    scores: HeadScores | None = None
+    timings: dict = field(default_factory=dict)
+
+    def head_scores(self, progress: bool = False) -> HeadScores:
+        if self.scores is None:
+            self.dense.restore(self.lm.model)
+            self.scores = head_scores(self.lm, self.calib, method=self.profile.score_method,
+                                      batch_size=self.profile.score_batch_size, progress=progress)
+        return self.scores
+
+    def base_payload(self) -> dict:
+        return {"model": self.identity, "calibration": self.calib.config.to_dict(), "style": self.calib.style,
+                "score_method": self.profile.score_method, "sweep_version": SWEEP_VERSION}
+
+
+def open_model(profile: Profile | str | None, model: str | LoadedModel | None = None, *, data_dir=None) -> SweepContext:
+    """Load a model of the profile (the first by default) with its calibration set.
+
+    Args:
+        profile: a :class:`Profile` or its name (``None``: ``$CAP_LAB_PROFILE``).
+        model: a name from the profile (or any loadable name), or an already loaded model.
+        data_dir: benchmark data folder.
+    """
+    profile = get_profile(profile)
+    lm = model if isinstance(model, LoadedModel) else load_profile_model(model or profile.models[0])
+    calib = build_calibration_set(lm.tokenizer, profile.calibration, data_dir)
+    return SweepContext(profile, lm, DenseWeights(lm.model), lm.identity(), calib, data_dir)
+
+
+# ------------------------------------------------------------------ pruning summary
+def _prune_payload(ctx: SweepContext, cell: SweepCell) -> dict:
+    cfg = prune_config(ctx.profile, cell.method, cell.sparsity) if cell.method != DENSE else None
+    return dict(ctx.base_payload(), prune=None if cfg is None else {k: v for k, v in vars(cfg).items()})
+
+
+def prune_cell(ctx: SweepContext, cell: SweepCell, progress: bool = False) -> dict:
+    """Restore the dense weights, prune ``cell`` in place and summarise what was removed.
+
+    Returns:
+        ``achieved_sparsity``, ``by_layer`` (per-layer sparsity list), ``by_matrix``
+        ({q, k, v, o, gate, up, down: sparsity}) and ``head_sparsity`` ((L, H) nested list:
+        fraction of each query head's q rows and o columns that are zero). The summary is
+        also written to the ``prune`` cache.
+    """
+    ctx.dense.restore(ctx.lm.model)
+    start = time.perf_counter()
+    if cell.method != DENSE:
+        scores = ctx.head_scores(progress).scores if cell.method == "cap" else None
+        result = prune_model(ctx.lm.model, prune_config(ctx.profile, cell.method, cell.sparsity), head_scores=scores,
+                             calib=ctx.calib, batch_size=ctx.profile.score_batch_size, progress=progress)
+        report = result.report
+    else:
+        from cap_lab.pruning import sparsity_report
+
+        report = sparsity_report(ctx.lm.model)
+    by_layer = sparsity_by(report, "layer")
+    by_matrix = sparsity_by(report, "matrix")
+    summary = {
+        "achieved_sparsity": float(report["zeros"].sum() / report["numel"].sum()),
+        "by_layer": [float(x) for x in by_layer["sparsity"]],
+        "by_matrix": {str(k): float(v) for k, v in zip(by_matrix["matrix"], by_matrix["sparsity"])},
+        "head_sparsity": attention_sparsity_per_head(ctx.lm.model).tolist(),
+        "prune_seconds": time.perf_counter() - start,
+    }
+    cache.save_entry("prune", _prune_payload(ctx, cell), {"summary": summary})
+    return summary
+
+
+def cached_prune_summary(ctx: SweepContext, cell: SweepCell) -> dict | None:
+    """The cached pruning summary of ``cell``, or ``None``."""
+    hit = cache.load_entry("prune", _prune_payload(ctx, cell))
+    return None if hit is None else hit[0]["summary"]
+
+
+def prune_summary(ctx: SweepContext, cell: SweepCell, progress: bool = False) -> dict:
+    """Cached pruning summary; prunes (and restores the dense weights) when missing."""
+    summary = cached_prune_summary(ctx, cell)
+    if summary is None:
+        summary = prune_cell(ctx, cell, progress)
+        ctx.dense.restore(ctx.lm.model)
+    return summary
+
+
+# ------------------------------------------------------------------ evaluation
+def _call_evaluate(lm: LoadedModel, tasks: list[str], **kwargs) -> dict:
+    from cap_lab.evaluation import evaluate
+
+    accepted = inspect.signature(evaluate).parameters
+    return evaluate(lm, tasks, **{k: v for k, v in kwargs.items() if k in accepted})
+
+
+def _rows(results: dict, mode: str) -> list[dict]:
+    rows = []
+    for task, r in results.items():
+        d = r.to_dict() if hasattr(r, "to_dict") else dict(r)
+        rows.append({"task": task, "mode": mode, "metric": d.get("metric"), "value": float(d["value"]),
+                     "ci_low": float(d["ci_low"]), "ci_high": float(d["ci_high"]), "n": int(d.get("n") or 0)})
+    return rows
+
+
+def evaluate_settings(profile: Profile) -> dict:
+    return profile.eval.to_dict()
+
+
+def evaluate_model(lm: LoadedModel, profile: Profile, *, data_dir=None, progress: bool = False,
+                   tasks: tuple[str, ...] | None = None, include_ppl: bool = True, include_cot: bool = True) -> list[dict]:
+    """Evaluate the current weights of ``lm`` with the profile's evaluation settings.
+
+    Returns:
+        Rows ``{task, mode, metric, value, ci_low, ci_high, n}``: ``mode`` is ``loglik``
+        (accuracy of the likeliest answer), ``cot`` (greedy chain-of-thought accuracy) or
+        ``ppl`` (WikiText-2 perplexity).
+    """
+    ev = profile.eval
+    tasks = list(tasks if tasks is not None else ev.tasks)
+    common = dict(seed=ev.seed, data_dir=data_dir, batch_size=ev.batch_size, progress=progress)
+    rows: list[dict] = []
+    if tasks:
+        rows += _rows(_call_evaluate(lm, tasks, mode="loglik", limit=ev.loglik_limit, **common), "loglik")
+        if include_cot and ev.cot_limit:
+            rows += _rows(_call_evaluate(lm, tasks, mode="cot", limit=ev.cot_limit, max_new_tokens=ev.cot_max_new_tokens,
+                                         **common), "cot")
+    if include_ppl:
+        rows += _rows(_call_evaluate(lm, ["wikitext2"], seqlen=ev.ppl_seqlen, n_windows=ev.ppl_windows, **common), "ppl")
+    return rows
+
+
+# ------------------------------------------------------------------ one cell, one model
+def _cell_payload(ctx: SweepContext, cell: SweepCell) -> dict:
+    return dict(_prune_payload(ctx, cell), eval=evaluate_settings(ctx.profile))
+
+
+def run_cell(ctx: SweepContext, cell: SweepCell, *, force: bool = False, progress: bool = False) -> dict:
+    """Prune, evaluate and cache one cell (or read it from the cache).
+
+    Returns:
+        The record: ``model``, ``method``, ``sparsity``, the pruning summary and ``rows``
+        (see :func:`evaluate_model`). The model holds the dense weights again on return.
+    """
+    payload = _cell_payload(ctx, cell)
+    if not force:
+        hit = cache.load_entry("sweep", payload)
+        if hit is not None:
+            return hit[0]["record"]
+    start = time.perf_counter()
+    summary = prune_cell(ctx, cell, progress)
+    try:
+        rows = evaluate_model(ctx.lm, ctx.profile, data_dir=ctx.data_dir, progress=progress)
+    finally:
+        ctx.dense.restore(ctx.lm.model)
+    record = {"model": ctx.identity["name"], "method": cell.method, "sparsity": cell.sparsity, **summary,
+              "rows": rows, "seconds": time.perf_counter() - start,
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    cache.save_entry("sweep", payload, {"record": record})
+    return record
+
+
+def run_sweep(profile: Profile | str | None = None, model: str | LoadedModel | None = None, *, data_dir=None,
+              force: bool = False, progress: bool = True, cells: list[SweepCell] | None = None) -> "SweepResult":
+    """Every cell of the profile for one model; finished cells come from the cache.
+
+    Args:
+        profile: profile or its name.
+        model: which model (default: the profile's first).
+        data_dir: benchmark data folder.
+        force: recompute cached cells.
+        progress: print one line per cell.
+        cells: a subset of :func:`sweep_cells` (default: all).
+    """
+    ctx = open_model(profile, model, data_dir=data_dir)
+    records = []
+    for cell in cells if cells is not None else sweep_cells(ctx.profile):
+        start = time.perf_counter()
+        records.append(run_cell(ctx, cell, force=force, progress=False))
+        if progress:
+            print(f"{ctx.identity['name']}: {cell.label:>14} done in {time.perf_counter() - start:6.1f} s", flush=True)
+    return SweepResult(ctx.profile, records)
+
+
+# ------------------------------------------------------------------ results as tables
+@dataclass(frozen=True)
+class SweepResult:
+    """The records of a sweep, with tidy views of them."""
+
+    profile: Profile
+    records: list[dict]
+
+    def results(self) -> pd.DataFrame:
+        """One row per (model, method, sparsity, task, mode), with value and CI."""
+        rows = [dict(model=r["model"], method=r["method"], sparsity=r["sparsity"], achieved_sparsity=r["achieved_sparsity"], **row)
+                for r in self.records for row in r["rows"]]
+        return pd.DataFrame(rows)
+
+    def layer_sparsity(self) -> pd.DataFrame:
+        """One row per (model, method, sparsity, layer)."""
+        rows = [dict(model=r["model"], method=r["method"], sparsity=r["sparsity"], layer=i, layer_sparsity=s)
+                for r in self.records for i, s in enumerate(r["by_layer"])]
+        return pd.DataFrame(rows)
+
+    def __add__(self, other: "SweepResult") -> "SweepResult":
+        return SweepResult(self.profile, self.records + other.records)
+
+
+METHOD_NAMES = {DENSE: "Dense", "magnitude": "Magnitude", "wanda": "Wanda", "cap": "CAP"}
+TASK_NAMES = {"gsm8k": "GSM8K", "strategyqa": "StrategyQA", "arc_challenge": "ARC-C.", "wikitext2": "WikiText-2"}
+
+
+def _cell_text(value: float, low: float, high: float, mode: str) -> str:
+    if mode == "ppl":
+        return f"{value:.2f} [{low:.2f}, {high:.2f}]"
+    return f"{100 * value:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def table1(results: pd.DataFrame) -> pd.DataFrame:
+    """Table 1: one row per (model, method, sparsity), one column per task and mode.
+
+    Accuracies are in percent, perplexity as is, each followed by its confidence interval.
+    """
+    df = results.copy()
+    df["column"] = [f"{TASK_NAMES.get(t, t)} ({m})" if m != "ppl" else "WikiText-2 ppl" for t, m in zip(df["task"], df["mode"])]
+    df["text"] = [_cell_text(v, lo, hi, m) for v, lo, hi, m in zip(df["value"], df["ci_low"], df["ci_high"], df["mode"])]
+    order = {m: i for i, m in enumerate(METHOD_NAMES)}
+    df["_order"] = df["method"].map(order)
+    wide = df.pivot_table(index=["model", "sparsity", "_order", "method"], columns="column", values="text", aggfunc="first")
+    wide = wide.reset_index().sort_values(["model", "sparsity", "_order"]).drop(columns="_order")
+    wide["method"] = wide["method"].map(METHOD_NAMES)
+    wide["sparsity"] = [f"{s:.0%}" for s in wide["sparsity"]]
+    cols = [c for mode in ("loglik", "cot") for t in TASK_NAMES.values() for c in [f"{t} ({mode})"] if c in wide.columns]
+    wide = wide[["model", "method", "sparsity"] + cols + [c for c in ["WikiText-2 ppl"] if c in wide.columns]]
+    wide.columns.name = None
+    return wide.reset_index(drop=True)
+
+
+def cap_vs_wanda(results: pd.DataFrame) -> pd.DataFrame:
+    """CAP minus Wanda at each (model, sparsity, task, mode), with whether the CIs overlap.
+
+    ``better`` is from CAP's side: higher accuracy, lower perplexity.
+    """
+    key = ["model", "sparsity", "task", "mode"]
+    cap = results[results["method"] == "cap"].set_index(key)
+    wanda = results[results["method"] == "wanda"].set_index(key)
+    both = cap.join(wanda, lsuffix="_cap", rsuffix="_wanda", how="inner")
+    out = pd.DataFrame({"cap": both["value_cap"], "wanda": both["value_wanda"]})
+    out["difference"] = out["cap"] - out["wanda"]
+    lower_is_better = both.index.get_level_values("mode") == "ppl"
+    out["cap_better"] = [(d < 0) if low else (d > 0) for d, low in zip(out["difference"], lower_is_better)]
+    out["cis_overlap"] = (both["ci_low_cap"] <= both["ci_high_wanda"]) & (both["ci_low_wanda"] <= both["ci_high_cap"])
+    return out.reset_index()
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table of ``df`` (no index)."""
+    cells = [[str(c) for c in df.columns]] + [[str(v) for v in row] for row in df.itertuples(index=False)]
+    lines = ["| " + " | ".join(r) + " |" for r in cells]
+    lines.insert(1, "|" + "|".join("---" for _ in df.columns) + "|")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,169 @@
+"""Profiles, the cached sparsity sweep, figure provenance and the explorer, on tiny models."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import matplotlib
+
+matplotlib.use("Agg")
+import pandas as pd
+import pytest
+import torch
+
+from cap_lab import plotting, sweep
+from cap_lab.config import PROFILES, figures_dir, get_profile, load_profile_model
+from cap_lab.pruning import PruneConfig, prune_model
+from cap_lab.scoring import SCORING_METHODS
+
+TINY = get_profile("tiny")
+if TINY.score_method not in SCORING_METHODS:  # until the fast exact scorer is merged
+    TINY = replace(TINY, score_method="reference")
+
+
+def fake_evaluate(calls: list):
+    """A stand-in for cap_lab.evaluation.evaluate whose value depends on the weights."""
+
+    def evaluate(lm, tasks, **kwargs):
+        calls.append((tuple(tasks), kwargs.get("mode")))
+        zeros = sum(float((p == 0).float().mean()) for p in lm.model.parameters()) / len(list(lm.model.parameters()))
+        out = {}
+        for t in tasks:
+            v = 1.0 + 10 * zeros if t == "wikitext2" else 0.5 - zeros / 2
+            out[t] = {"metric": "ppl" if t == "wikitext2" else "accuracy", "value": v, "ci_low": v * 0.9, "ci_high": v * 1.1, "n": 3}
+        return out
+
+    return evaluate
+
+
+# ------------------------------------------------------------------ config
+def test_profiles_are_frozen_and_chosen_by_name_or_environment(monkeypatch):
+    assert {"ci", "cpu", "paper", "tiny"} <= set(PROFILES)
+    monkeypatch.setenv("CAP_LAB_PROFILE", "ci")
+    assert get_profile().name == "ci" and get_profile("paper").name == "paper"
+    monkeypatch.delenv("CAP_LAB_PROFILE")
+    assert get_profile().name == "cpu"
+    with pytest.raises(ValueError, match="unknown profile 'nope'"):
+        get_profile("nope")
+    with pytest.raises(Exception):
+        get_profile("ci").sparsities = (0.3,)
+    cpu, paper = get_profile("cpu"), get_profile("paper")
+    assert "gemma3-270m" in cpu.models and len(paper.models) == 2 and paper.sparsities == (0.1, 0.2, 0.5)
+    assert paper.calibration.n_per_task >= 128 and paper.eval.ppl_windows == 100 and paper.eval.ppl_seqlen == 2048
+    json.dumps(cpu.to_dict())
+
+
+def test_ci_figures_never_go_to_the_committed_folder(monkeypatch):
+    monkeypatch.delenv("CAP_LAB_FIGURES", raising=False)
+    for name in ("ci", "tiny"):
+        assert "executed" in figures_dir(get_profile(name)).parts
+    assert figures_dir(get_profile("cpu")).name == "figures"
+
+
+def test_profile_rejects_bad_methods_and_sparsities():
+    with pytest.raises(ValueError, match="methods"):
+        replace(TINY, methods=("sparsegpt",))
+    with pytest.raises(ValueError, match="outside"):
+        replace(TINY, sparsities=(1.0,))
+
+
+# ------------------------------------------------------------------ sweep
+def test_dense_weights_restore_is_bit_exact(tiny):
+    before = tiny.fingerprint
+    dense = sweep.DenseWeights(tiny.model)
+    prune_model(tiny.model, PruneConfig("magnitude", 0.5))
+    assert tiny.fingerprint != before
+    dense.restore(tiny.model)
+    assert tiny.fingerprint == before
+
+
+def test_sweep_caches_every_cell_and_resumes(data_dir, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sweep, "_call_evaluate", lambda lm, tasks, **kw: fake_evaluate(calls)(lm, tasks, **kw))
+    lm = load_profile_model("tiny-llama")
+    dense_print = lm.fingerprint
+    cells = sweep.sweep_cells(TINY)
+    assert cells[0].method == "dense" and len(cells) == 1 + len(TINY.methods) * len(TINY.sparsities)
+    first = sweep.run_sweep(TINY, lm, data_dir=data_dir, progress=False, cells=cells[:3])
+    n_calls = len(calls)
+    assert n_calls == 3 * 3  # loglik, cot, ppl per cell
+    assert lm.fingerprint == dense_print  # the model is dense again after the sweep
+    full = sweep.run_sweep(TINY, lm, data_dir=data_dir, progress=False)
+    assert len(calls) == n_calls + 3 * (len(cells) - 3)  # only the missing cells ran
+    assert full.records[:3] == first.records
+    res = full.results()
+    assert set(res["method"]) == {"dense", *TINY.methods}
+    for r in full.records:
+        assert abs(r["achieved_sparsity"] - r["sparsity"]) < 0.02  # wanda: int(32 * s) per row
+        assert len(r["by_layer"]) == 3 and torch.tensor(r["head_sparsity"]).shape == (3, 4)
+    layers = full.layer_sparsity()
+    assert len(layers) == 3 * len(cells)
+
+
+def test_table1_and_cap_vs_wanda_on_a_handmade_frame():
+    rows = []
+    for method, s, acc, ppl in [("dense", 0.0, 0.6, 10.0), ("wanda", 0.2, 0.5, 12.0), ("cap", 0.2, 0.55, 14.0)]:
+        rows.append(dict(model="m", method=method, sparsity=s, achieved_sparsity=s, task="arc_challenge", mode="loglik",
+                         metric="accuracy", value=acc, ci_low=acc - 0.1, ci_high=acc + 0.1, n=100))
+        rows.append(dict(model="m", method=method, sparsity=s, achieved_sparsity=s, task="wikitext2", mode="ppl",
+                         metric="ppl", value=ppl, ci_low=ppl - 0.5, ci_high=ppl + 0.5, n=4))
+    df = pd.DataFrame(rows)
+    table = sweep.table1(df)
+    assert list(table["method"]) == ["Dense", "Wanda", "CAP"]
+    assert table.loc[2, "ARC-C. (loglik)"] == "55.0 [45.0, 65.0]" and table.loc[1, "WikiText-2 ppl"] == "12.00 [11.50, 12.50]"
+    md = sweep.markdown_table(table)
+    assert md.count("\n") == 5 and md.startswith("| model | method |")
+    versus = sweep.cap_vs_wanda(df).set_index("task")
+    assert versus.loc["arc_challenge", "cap_better"] and not versus.loc["wikitext2", "cap_better"]
+    assert versus.loc["arc_challenge", "cis_overlap"] and not versus.loc["wikitext2", "cis_overlap"]
+
+
+# ------------------------------------------------------------------ plotting
+def test_save_output_records_provenance(tmp_path):
+    fig = plotting.head_heatmap(torch.arange(12.0).view(3, 4), title="t", model="tiny-llama", profile=TINY)
+    png = plotting.save_output(fig, "02_x_tiny-llama.png", profile=TINY, model="tiny-llama", settings={"a": 1},
+                               description="d", out_dir=tmp_path)
+    plotting.save_output(pd.DataFrame({"a": [1]}), "t.csv", profile=TINY, out_dir=tmp_path)
+    plotting.save_output("| a |\n", "t.md", profile=TINY, out_dir=tmp_path)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    manifest = plotting.read_manifest(tmp_path)
+    assert set(manifest) == {"02_x_tiny-llama.png", "t.csv", "t.md"}
+    entry = manifest["02_x_tiny-llama.png"]
+    assert entry["profile"] == "tiny" and entry["model"] == "tiny-llama" and entry["settings"] == {"a": 1}
+    assert {"commit", "dirty", "created", "description"} <= set(entry)
+    with pytest.raises(ValueError, match="cannot save a int"):
+        plotting.save_output(3, "x.txt", profile=TINY, out_dir=tmp_path)
+    readme = plotting.write_figures_readme(tmp_path, TINY, {"01_calibration": 1.0}).read_text()
+    assert "![02_x_tiny-llama.png](02_x_tiny-llama.png)" in readme and "| 01_calibration | 1.0 |" in readme
+
+
+def test_rank_correlations_and_top_heads():
+    a = torch.arange(12.0).view(3, 4)
+    corr = plotting.rank_correlations({"a": a, "b": 2 * a, "c": -a})
+    assert corr.loc["a", "b"] == pytest.approx(1.0) and corr.loc["a", "c"] == pytest.approx(-1.0)
+    top = plotting.top_heads(a, k=2)
+    assert top[["layer", "head"]].values.tolist() == [[2, 3], [2, 2]]
+    assert plotting.safe_name("meta-llama/Llama 3") == "meta-llama--Llama-3"
+
+
+# ------------------------------------------------------------------ widgets
+def test_explorer_slider_changes_plot_and_text(data_dir, monkeypatch):
+    from cap_lab.widgets import Explorer
+
+    calls = []
+    monkeypatch.setattr(sweep, "_call_evaluate", lambda lm, tasks, **kw: fake_evaluate(calls)(lm, tasks, **kw))
+    ex = Explorer(TINY, data_dir=data_dir)
+    ex.widget()
+    text, image = ex.status.value, ex.image.value
+    assert "achieved sparsity 20.00%" in text and image[:4] == b"\x89PNG"
+    ex.sparsity.value = 0.5
+    assert "achieved sparsity 50.00%" in ex.status.value and ex.image.value != image
+    ex.method.value = "wanda"
+    assert ex.status.value.startswith("wanda at 50%")
+    before = ex.context().lm.fingerprint
+    ex.benchmark.value = "arc_challenge"
+    rows = ex.quick_evaluate()
+    assert [r["task"] for r in rows] == ["arc_challenge"] and ex.progress.value == ex.progress.max
+    assert ex.context().lm.fingerprint == before  # dense again
+    ex.benchmark.value = "wikitext2"
+    assert [r["mode"] for r in ex.quick_evaluate()] == ["ppl"]
