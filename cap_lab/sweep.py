@@ -20,7 +20,6 @@ explorer (notebook 05) can show any cell without pruning again.
 """
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -196,16 +195,18 @@ def prune_summary(ctx: SweepContext, cell: SweepCell, progress: bool = False) ->
 def _call_evaluate(lm: LoadedModel, tasks: list[str], **kwargs) -> dict:
     from cap_lab.evaluation import evaluate
 
-    accepted = inspect.signature(evaluate).parameters
-    return evaluate(lm, tasks, **{k: v for k, v in kwargs.items() if k in accepted})
+    return evaluate(lm, tasks, **kwargs)
 
 
 def _rows(results: dict, mode: str) -> list[dict]:
+    nan = float("nan")
     rows = []
     for task, r in results.items():
         d = r.to_dict() if hasattr(r, "to_dict") else dict(r)
+        low, high = d.get("ci_low"), d.get("ci_high")
         rows.append({"task": task, "mode": mode, "metric": d.get("metric"), "value": float(d["value"]),
-                     "ci_low": float(d["ci_low"]), "ci_high": float(d["ci_high"]), "n": int(d.get("n") or 0)})
+                     "ci_low": nan if low is None else float(low), "ci_high": nan if high is None else float(high),
+                     "n": int(d.get("n") or 0)})
     return rows
 
 
@@ -213,26 +214,43 @@ def evaluate_settings(profile: Profile) -> dict:
     return profile.eval.to_dict()
 
 
+def loglik_tasks(tasks) -> list[str]:
+    """The tasks that have option log-likelihood accuracy (multiple choice / yes-no)."""
+    from cap_lab.evaluation import LOGLIK_TASKS
+
+    return [t for t in tasks if t in LOGLIK_TASKS]
+
+
 def evaluate_model(lm: LoadedModel, profile: Profile, *, data_dir=None, progress: bool = False,
-                   tasks: tuple[str, ...] | None = None, include_ppl: bool = True, include_cot: bool = True) -> list[dict]:
+                   loglik: tuple[str, ...] | None = None, cot: tuple[str, ...] | None = None, ppl: bool = True) -> list[dict]:
     """Evaluate the current weights of ``lm`` with the profile's evaluation settings.
+
+    Args:
+        lm: the model (dense or pruned in place).
+        profile: evaluation sizes (``profile.eval``).
+        data_dir: benchmark data folder.
+        progress: progress bars.
+        loglik: tasks for log-likelihood accuracy (default: the profile's tasks that have it).
+        cot: tasks for chain-of-thought accuracy (default: the profile's tasks if
+            ``cot_limit`` > 0).
+        ppl: also WikiText-2 perplexity.
 
     Returns:
         Rows ``{task, mode, metric, value, ci_low, ci_high, n}``: ``mode`` is ``loglik``
-        (accuracy of the likeliest answer), ``cot`` (greedy chain-of-thought accuracy) or
-        ``ppl`` (WikiText-2 perplexity).
+        (accuracy of the likeliest option), ``cot`` (greedy chain-of-thought accuracy, strict)
+        or ``ppl`` (WikiText-2 perplexity). A missing interval is NaN.
     """
     ev = profile.eval
-    tasks = list(tasks if tasks is not None else ev.tasks)
+    loglik = list(loglik if loglik is not None else loglik_tasks(ev.tasks))
+    cot = list(cot if cot is not None else (ev.tasks if ev.cot_limit else ()))
     common = dict(seed=ev.seed, data_dir=data_dir, batch_size=ev.batch_size, progress=progress)
     rows: list[dict] = []
-    if tasks:
-        rows += _rows(_call_evaluate(lm, tasks, mode="loglik", limit=ev.loglik_limit, **common), "loglik")
-        if include_cot and ev.cot_limit:
-            rows += _rows(_call_evaluate(lm, tasks, mode="cot", limit=ev.cot_limit, max_new_tokens=ev.cot_max_new_tokens,
-                                         **common), "cot")
-    if include_ppl:
-        rows += _rows(_call_evaluate(lm, ["wikitext2"], seqlen=ev.ppl_seqlen, n_windows=ev.ppl_windows, **common), "ppl")
+    if loglik:
+        rows += _rows(_call_evaluate(lm, loglik, mode="loglik", limit=ev.loglik_limit, **common), "loglik")
+    if cot:
+        rows += _rows(_call_evaluate(lm, cot, mode="cot", limit=ev.cot_limit, max_new_tokens=ev.cot_max_new_tokens, **common), "cot")
+    if ppl:
+        rows += _rows(_call_evaluate(lm, ["wikitext2"], ppl_seqlen=ev.ppl_seqlen, ppl_windows=ev.ppl_windows, **common), "ppl")
     return rows
 
 

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 
 from cap_lab.config import Profile, get_profile
 from cap_lab.plotting import pruning_overview
-from cap_lab.sweep import DENSE, SweepCell, SweepContext, evaluate_model, open_model, prune_cell, prune_summary
+from cap_lab.sweep import DENSE, SweepCell, SweepContext, evaluate_model, loglik_tasks, open_model, prune_cell, prune_summary
 
 BENCHMARKS = ("gsm8k", "strategyqa", "arc_challenge", "wikitext2")
 MATRIX_ORDER = ("q", "k", "v", "o", "gate", "up", "down")
@@ -87,6 +87,7 @@ class Explorer:
         self.image = w.Image(format="png")
         self.status.add_class("cap-sparsity-text")
         self.image.add_class("cap-pruning-plot")
+        self.result.add_class("cap-eval-result")
         for control in (self.model, self.method, self.sparsity):
             control.observe(lambda change: self.refresh(), names="value")
         self.run_button.on_click(lambda _: self.quick_evaluate())
@@ -126,9 +127,11 @@ class Explorer:
         try:
             profile = _quick_profile(self.profile, self.quick_limit)
             if task == "wikitext2":
-                rows = evaluate_model(ctx.lm, profile, data_dir=self.data_dir, tasks=())
-            else:
-                rows = evaluate_model(ctx.lm, profile, data_dir=self.data_dir, tasks=(task,), include_ppl=False, include_cot=False)
+                rows = evaluate_model(ctx.lm, profile, data_dir=self.data_dir, loglik=(), cot=())
+            elif task in loglik_tasks([task]):
+                rows = evaluate_model(ctx.lm, profile, data_dir=self.data_dir, loglik=(task,), cot=(), ppl=False)
+            else:  # GSM8K has no options to score: short greedy chain of thought
+                rows = evaluate_model(ctx.lm, profile, data_dir=self.data_dir, loglik=(), cot=(task,), ppl=False)
         finally:
             ctx.dense.restore(ctx.lm.model)
         self.progress.value = 3
@@ -146,7 +149,7 @@ class Explorer:
 def _quick_profile(profile: Profile, limit: int) -> Profile:
     from dataclasses import replace
 
-    ev = replace(profile.eval, loglik_limit=limit, cot_limit=0, ppl_windows=1)
+    ev = replace(profile.eval, loglik_limit=limit, cot_limit=limit, ppl_windows=1)
     return replace(profile, eval=ev)
 
 
