@@ -12,11 +12,20 @@ attention output just before ``o_proj`` (:func:`cap_lab.hooks.mask_heads`).
 :func:`score_heads_reference` is the obvious exact implementation: one masked forward per head
 over the whole calibration set (L x H passes). It is the reference that faster scorers are
 checked against. :func:`head_scores` is the cached entry point used by the command line and
-the notebooks. Scoring never changes weights: it runs under ``torch.inference_mode`` with
-scoped hooks only.
+the notebooks; its methods are
+
+* ``exact`` (default): the same numbers, fast (:mod:`cap_lab.fast_scoring`: prefix reuse, head
+  batching, target-only logits), resumable per layer from the score cache's folder;
+* ``attribution``: a first-order estimate from one forward and one backward pass
+  (:mod:`cap_lab.attribution`), an approximation;
+* ``reference``: :func:`score_heads_reference`.
+
+:func:`compare_scores` (:mod:`cap_lab.compare`) reports how two score sets agree. Scoring
+never changes weights: it runs with scoped hooks only, and no parameter gets a gradient.
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
@@ -27,12 +36,14 @@ from tqdm.auto import tqdm
 from cap_lab import cache
 from cap_lab.adapters import get_layout, model_device
 from cap_lab.calibration import CalibrationSet
+from cap_lab.compare import ScoreAgreement, compare_scores  # noqa: F401  (public here)
 from cap_lab.hooks import mask_heads
 from cap_lab.losses import target_loss_sums
 
 SCORING_VERSION = "1"
 AGGREGATES = ("median", "mean")
-SCORING_METHODS = ("reference",)
+#: ``exact`` (fast, the default), ``attribution`` (first-order estimate), ``reference`` (slow, obvious)
+SCORING_METHODS = ("exact", "attribution", "reference")
 
 
 @dataclass(frozen=True)
@@ -136,24 +147,36 @@ def _score_payload(identity: dict, calib: CalibrationSet, method: str) -> dict:
             "method": method, "scoring_version": SCORING_VERSION}
 
 
+def progress_dir(payload: dict, cache_dir=None):
+    """Folder of the per-layer progress of an unfinished ``exact`` run (beside its cache entry)."""
+    entry = cache.entry_dir("scores", payload, cache_dir)
+    return entry.with_name(entry.name + ".progress")
+
+
 def head_scores(
-    lm, calib: CalibrationSet, *, method: str = "reference", aggregate: str = "median",
-    batch_size: int = 8, use_cache: bool = True, force: bool = False, progress: bool = True, cache_dir=None,
+    lm, calib: CalibrationSet, *, method: str = "exact", aggregate: str = "median",
+    batch_size: int = 8, memory_budget: int | None = None, use_cache: bool = True, force: bool = False,
+    progress: bool = True, cache_dir=None,
 ) -> HeadScores:
     """Causal head scores of a loaded model, read from the score cache when present.
 
     The cache key holds the model identity (name and weight fingerprint), every calibration
     setting, the resolved prompt style, the method and :data:`SCORING_VERSION`. The per-subset
-    losses are stored, so either aggregate is served from one entry.
+    losses are stored, so either aggregate is served from one entry. An ``exact`` run writes
+    its progress per layer beside the entry (:func:`progress_dir`); a run stopped midway
+    resumes there, and the progress is removed once the entry is written.
 
     Args:
         lm: a :class:`cap_lab.models.LoadedModel`.
         calib: the calibration set (built with ``lm.tokenizer``).
-        method: ``reference`` (one masked pass per head).
+        method: ``exact`` (default, fast), ``attribution`` (first-order estimate) or
+            ``reference`` (one masked pass per head).
         aggregate: ``median`` or ``mean``.
-        batch_size: calibration items per forward.
-        use_cache: read and write the cache.
-        force: recompute even when cached.
+        batch_size: calibration items per forward (per chunk for ``exact``).
+        memory_budget: bytes of activations per masked pass (``exact``; default: 1 GiB on
+            CPU, half the free memory on CUDA).
+        use_cache: read and write the cache (and the progress of ``exact``).
+        force: recompute even when cached (and discard any saved progress).
         progress: progress bars.
         cache_dir: cache root (default :func:`cap_lab.models.cache_root`).
     """
@@ -168,11 +191,25 @@ def head_scores(
             settings, t = hit
             return HeadScores(aggregate_scores(t["masked_losses"], t["intact_losses"], aggregate),
                               t["masked_losses"], t["intact_losses"], aggregate, settings)
-    result = score_heads_reference(lm.model, calib, aggregate=aggregate, batch_size=batch_size, progress=progress)
-    settings = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "n_tokens": calib.n_tokens, "n_target_tokens": calib.n_target_tokens}
+    checkpoints = progress_dir(payload, cache_dir) if use_cache else None
+    if checkpoints is not None and force:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    if method == "exact":
+        from cap_lab.fast_scoring import score_heads_fast
+
+        result = score_heads_fast(lm.model, calib, aggregate=aggregate, batch_size=batch_size,
+                                  memory_budget=memory_budget, checkpoint_dir=checkpoints, progress=progress)
+    elif method == "attribution":
+        from cap_lab.attribution import score_heads_attribution
+
+        result = score_heads_attribution(lm.model, calib, aggregate=aggregate, batch_size=batch_size, progress=progress)
+    else:
+        result = score_heads_reference(lm.model, calib, aggregate=aggregate, batch_size=batch_size, progress=progress)
+    settings = dict(result.settings, method=method, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    n_tokens=calib.n_tokens, n_target_tokens=calib.n_target_tokens)
     if use_cache:
         folder = cache.save_entry("scores", payload, settings,
                                   {"masked_losses": result.masked_losses, "intact_losses": result.intact_losses}, cache_dir)
+        shutil.rmtree(checkpoints, ignore_errors=True)
         settings = dict(settings, payload=payload, key=folder.name, path=str(folder))
     return replace(result, settings=settings)

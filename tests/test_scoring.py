@@ -67,7 +67,7 @@ def test_aggregate_median_and_mean():
 
 def test_cache_hit_skips_the_model_and_corrupt_entries_are_recomputed(tiny, calib):
     calls = []
-    handle = tiny.model.register_forward_hook(lambda *a: calls.append(1))
+    handle = tiny.model.register_forward_pre_hook(lambda *a: calls.append(1))  # the fast path stops before lm_head
     try:
         first = head_scores(tiny, calib, progress=False)
         n_first = len(calls)

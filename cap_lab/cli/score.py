@@ -11,11 +11,15 @@ from cap_lab.scoring import AGGREGATES, SCORING_METHODS, head_scores
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("score", help="score every attention head by masking it (paper Eq. 1-2)")
+    p = sub.add_parser("score", help="score every attention head by masking it (paper Eq. 1-2); resumes if interrupted")
     add_model_args(p)
     add_calibration_args(p)
-    p.add_argument("--method", default=SCORING_METHODS[0], help=f"one of {', '.join(SCORING_METHODS)}")
+    p.add_argument("--method", default="exact",
+                   help=f"one of {', '.join(SCORING_METHODS)} (default exact: fast, same numbers as reference; "
+                        "attribution: one backward, an approximation)")
     p.add_argument("--aggregate", default="median", help=f"one of {', '.join(AGGREGATES)}")
+    p.add_argument("--memory-budget-mb", type=float, default=None,
+                   help="activation memory per masked pass of the exact scorer (default: 1024 on CPU, half the free GPU memory)")
     p.add_argument("--out", default="scores.json", help="where to write the scores (JSON)")
     p.add_argument("--force", action="store_true", help="recompute even if cached")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the score cache")
@@ -34,13 +38,16 @@ def run(args) -> int:
         raise ValueError(f"scoring method {args.method!r}; allowed: {', '.join(SCORING_METHODS)}")
     if args.aggregate not in AGGREGATES:
         raise ValueError(f"aggregate={args.aggregate!r}; allowed: {', '.join(AGGREGATES)}")
+    if args.memory_budget_mb is not None and args.memory_budget_mb <= 0:
+        raise ValueError(f"--memory-budget-mb={args.memory_budget_mb}; must be > 0")
+    budget = None if args.memory_budget_mb is None else int(args.memory_budget_mb * 2**20)
     start = time.perf_counter()
     lm = load_model_from_args(args)
     calib = build_calibration_set(lm.tokenizer, config, args.data_dir)
     print(f"calibration: {len(calib.items)} examples, {calib.n_tokens} tokens ({calib.n_target_tokens} target), "
           f"K={config.n_subsets}, style={calib.style}")
     result = head_scores(lm, calib, method=args.method, aggregate=args.aggregate, batch_size=args.batch_size,
-                         use_cache=not args.no_cache, force=args.force)
+                         memory_budget=budget, use_cache=not args.no_cache, force=args.force)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(scores_to_json(result, lm.name), indent=1, default=str))

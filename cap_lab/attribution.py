@@ -1,0 +1,97 @@
+"""Attribution patching: a first-order estimate of every head's causal score from one backward.
+
+Masking head h of layer l sets its slice z_h of the ``o_proj`` input to zero. To first order
+the loss then changes by ``-(dL/dz_h . z_h)``: one forward and one backward pass give that
+estimate for every head at once (Syed, Rager & Conmy 2023, "Attribution patching"; Nanda's
+"attribution patching" note), instead of the L x H masked passes of the exact score
+(paper Sec. 3.2, :mod:`cap_lab.fast_scoring`).
+
+Per subset k, with L_k the token-level mean target loss of the subset, the estimate of the
+loss change is ``Delta_k(l, h) = -sum_{tokens of D_k} dL_k/dz_{l,h} . z_{l,h}`` (the gradient of
+the subset *mean*, so the sum over tokens is already averaged like L_k). It is stored as the
+masked loss ``L_k(intact) + Delta_k`` so that :func:`cap_lab.scoring.aggregate_scores` averages
+it exactly like the exact score (median over subsets minus the mean intact loss); were the
+loss linear in z, the two scores would coincide.
+
+**This is an approximation.** It is exact only for a loss linear in the head's output. It is
+known to fail where the loss is far from linear over the step from z_h to 0:
+
+* saturated attention and softmax outputs (a head whose removal flips a near-one-hot
+  attention pattern or prediction downstream: the local gradient is ~0 while the effect is
+  large, so important heads can look unimportant);
+* large ablations: zeroing a head is not a small perturbation when its output norm is large
+  (heads feeding norms, "attention sinks", early layers), and second-order terms dominate;
+* heads whose effects cancel or compensate each other (backup heads) nonlinearly.
+
+Use it to rank heads cheaply and check it against the exact scores with
+:func:`cap_lab.scoring.compare_scores`; CAP's pruning uses the exact scores by default.
+
+Scoring changes no weight and leaves no ``.grad``: gradients are taken with
+``torch.autograd.grad`` with respect to the ``o_proj`` inputs only (a leaf is made only where an
+input does not already require grad); parameters are never asked for gradients.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from cap_lab.adapters import get_layout, model_device
+from cap_lab.calibration import CalibrationSet
+from cap_lab.decoder_replay import TargetTokens, intact_pass, target_loss_sums
+from cap_lab.scoring import HeadScores, aggregate_scores, subset_mean_losses
+
+
+def score_heads_attribution(model: nn.Module, calib: CalibrationSet, *, aggregate: str = "median", batch_size: int = 8,
+                            progress: bool = True) -> HeadScores:
+    """First-order (attribution patching) estimates of the causal head scores.
+
+    Args:
+        model: a supported causal LM (weights, ``requires_grad`` flags and ``.grad`` unchanged).
+        calib: the calibration set with its K subsets.
+        aggregate: ``median`` (paper) or ``mean`` over subsets.
+        batch_size: calibration items per forward and backward.
+        progress: progress bar over batches.
+
+    Returns:
+        :class:`cap_lab.scoring.HeadScores` whose ``masked_losses`` are intact loss plus the
+        linear estimate (see the module docstring for where that estimate fails).
+    """
+    layout = get_layout(model)
+    device = model_device(model)
+    n_items, k = len(calib.items), calib.config.n_subsets
+    subset = torch.tensor([it.subset for it in calib.items])
+    # predicted target tokens per item (a target at position 0 has no predictor)
+    counts = torch.tensor([float(len(it.input_ids) - max(it.target_start, 1)) for it in calib.items], dtype=torch.float64)
+    subset_tokens = torch.zeros(k, dtype=torch.float64).index_add_(0, subset, counts)
+    weight = 1.0 / subset_tokens[subset]  # (N,): d L_k / d (item loss sum)
+    estimate = torch.zeros(n_items, layout.num_layers, layout.num_heads, dtype=torch.float64)
+    intact_sums = torch.zeros(n_items, dtype=torch.float64)
+    batches = list(calib.batches(list(range(n_items)), batch_size, device))
+    with torch.inference_mode(False), torch.enable_grad():
+        for batch in tqdm(batches, desc="scoring heads (attribution)", disable=not progress):
+            z: dict[int, torch.Tensor] = {}
+
+            def keep(layer: int, x: torch.Tensor) -> torch.Tensor:  # x: (B, S, H * D)
+                if not x.requires_grad:
+                    x = x.detach().requires_grad_(True)  # nothing upstream needs grad: cut nothing
+                z[layer] = x
+                return x
+
+            captured = intact_pass(model, layout, batch, 0, o_proj_hook=keep)
+            rows = batch.input_ids.shape[0]
+            items = torch.tensor(batch.items)
+            sums = target_loss_sums(model, layout, captured.final, TargetTokens.of(batch), rows)[0]  # (B,)
+            objective = (sums * weight[items].to(sums.device)).sum()
+            grads = torch.autograd.grad(objective, [z[l] for l in range(layout.num_layers)])
+            for layer, g in enumerate(grads):
+                gz = (g * z[layer].detach()).view(rows, -1, layout.num_heads, layout.head_dim)  # (B, S, H, D)
+                estimate[items, layer] = -gz.sum(dim=(1, 3)).double().cpu()
+            intact_sums[items] = sums.detach().cpu()
+            del captured, z, grads, objective
+    intact = subset_mean_losses(calib, intact_sums, counts)  # (K,) float64
+    delta = torch.zeros(k, layout.num_layers, layout.num_heads, dtype=torch.float64).index_add_(0, subset, estimate)
+    masked = (intact.view(-1, 1, 1) + delta).float()
+    intact = intact.float()
+    return HeadScores(aggregate_scores(masked, intact, aggregate), masked, intact, aggregate,
+                      {"method": "attribution", "batches": len(batches)})

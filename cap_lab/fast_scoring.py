@@ -1,0 +1,288 @@
+"""Fast exact causal head scores (paper Sec. 3.2, Eq. 1-2), resumable per layer.
+
+Computes what :func:`cap_lab.scoring.score_heads_reference` computes (one masked pass over the
+calibration set per head) without doing its redundant work:
+
+* **Prefix reuse.** Masking head (l, h) leaves layers 0..l-1 unchanged. One intact forward per
+  chunk of calibration items captures the hidden states entering layer 0 and the arguments the
+  model gives each decoder layer (:mod:`cap_lab.decoder_replay`); heads of layer l then run only
+  layers l..L-1, and the hidden states are advanced to layer l+1 by one intact call of layer l.
+  Only one layer's hidden states per chunk are kept (tokens x hidden floats in all).
+* **Head batching.** Heads of one layer are scored together: the chunk is stacked n times and
+  block k of rows masks head k (per-row masks of :func:`cap_lab.hooks.mask_heads`). n is the
+  largest that keeps one pass's activations within ``memory_budget`` bytes
+  (:func:`heads_per_pass`).
+* **Target-only logits.** Final norm and ``lm_head`` run at target positions only.
+* **Little padding.** Items are sorted by length and grouped into chunks whose padding stays
+  below ``max_padding`` of their real tokens; the intact loss comes from the capture pass.
+
+Per-layer progress (the per-item loss sums of every head of each finished layer) is written to
+``checkpoint_dir`` atomically (safetensors + JSON, no pickle); a run that stops midway resumes
+after the last finished layer with identical results.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from cap_lab.adapters import ModelLayout, get_layout, model_device
+from cap_lab.calibration import Batch, CalibrationSet, make_batch
+from cap_lab.decoder_replay import TargetTokens, call_layer, intact_pass, repeat_layer_kwargs, run_layers, target_loss_sums
+from cap_lab.hooks import mask_heads
+from cap_lab.scoring import HeadScores, aggregate_scores, subset_mean_losses
+
+CPU_MEMORY_BUDGET = 1 << 30  # bytes of activations per masked pass on CPU
+CUDA_MEMORY_FRACTION = 0.5  # of the free device memory
+
+
+# ------------------------------------------------------------------ planning (pure)
+def plan_chunks(lengths: list[int], batch_size: int, max_padding: float = 0.02) -> list[list[int]]:
+    """Group item indices, sorted by length, into chunks of at most ``batch_size`` items.
+
+    A chunk grows while its padded size stays within ``(1 + max_padding)`` of its real tokens.
+
+    Example:
+        >>> plan_chunks([5, 9, 5, 10], batch_size=8, max_padding=0.1)
+        [[0, 2], [1, 3]]
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}; must be >= 1")
+    if max_padding < 0:
+        raise ValueError(f"max_padding={max_padding}; must be >= 0")
+    chunks: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        chunk = chunks[-1] if chunks else None
+        if chunk and len(chunk) < batch_size:
+            real = sum(lengths[j] for j in chunk) + lengths[i]
+            if lengths[i] * (len(chunk) + 1) <= (1 + max_padding) * real:  # i is the longest so far
+                chunk.append(i)
+                continue
+        chunks.append([i])
+    return chunks
+
+
+def activation_bytes_per_token(model: nn.Module, layout: ModelLayout, width: int) -> int:
+    """A generous estimate of the activation bytes one token row holds inside a decoder layer."""
+    cfg = model.config
+    d = int(cfg.hidden_size)
+    inter = int(getattr(cfg, "intermediate_size", 4 * d) or 4 * d)
+    qkv = (layout.num_heads + 2 * layout.num_kv_heads) * layout.head_dim
+    floats = 8 * d + 3 * inter + 2 * qkv + layout.num_heads * layout.head_dim + 2 * layout.num_heads * width
+    return floats * layout.o_proj(model, 0).weight.element_size()
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Bytes of activations one masked pass may use: 1 GiB on CPU, half the free memory on CUDA."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * CUDA_MEMORY_FRACTION)
+    return CPU_MEMORY_BUDGET
+
+
+def heads_per_pass(rows: int, width: int, bytes_per_token: int, num_heads: int, memory_budget: int) -> int:
+    """How many heads one pass over a (rows, width) chunk may stack within ``memory_budget``."""
+    return max(1, min(num_heads, memory_budget // max(1, rows * width * bytes_per_token)))
+
+
+def head_groups(num_heads: int, per_pass: int) -> list[list[int]]:
+    """Split heads 0..H-1 into near-equal consecutive groups of at most ``per_pass``."""
+    n_groups = -(-num_heads // per_pass)
+    bounds = [round(g * num_heads / n_groups) for g in range(n_groups + 1)]
+    return [list(range(bounds[g], bounds[g + 1])) for g in range(n_groups)]
+
+
+# ------------------------------------------------------------------ progress on disk
+class LayerCheckpoints:
+    """Finished layers of one scoring run, one safetensors file per layer, written atomically.
+
+    ``progress.json`` holds a signature of the run (model geometry, items); a folder whose
+    signature differs is cleared rather than trusted.
+    """
+
+    def __init__(self, folder: str | os.PathLike, signature: dict):
+        self.folder = Path(folder)
+        self.signature = json.loads(json.dumps(signature, sort_keys=True))
+
+    def _file(self, layer: int) -> Path:
+        return self.folder / f"layer_{layer:04d}.safetensors"
+
+    def _write(self, path: Path, write) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.folder)
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def finished(self) -> dict[int, torch.Tensor]:
+        """``{layer: (H, N) float64 loss sums}`` for the finished layers 0..m-1 (contiguous)."""
+        from safetensors.torch import load_file
+
+        try:
+            stored = json.loads((self.folder / "progress.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        if stored != self.signature:
+            self.clear()
+            return {}
+        out = {}
+        while self._file(len(out)).exists():
+            try:
+                out[len(out)] = load_file(str(self._file(len(out))))["loss_sums"]
+            except Exception:  # a damaged file: recompute from there
+                break
+        return out
+
+    def save(self, layer: int, loss_sums: torch.Tensor) -> None:
+        """Record layer ``layer``'s (H, N) loss sums."""
+        from safetensors.torch import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not (self.folder / "progress.json").exists():
+            self._write(self.folder / "progress.json", lambda p: Path(p).write_text(json.dumps(self.signature)))
+        self._write(self._file(layer), lambda p: save_file({"loss_sums": loss_sums.contiguous()}, p))
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def run_signature(calib: CalibrationSet, layout: ModelLayout) -> dict:
+    """What per-layer progress must match: geometry and the exact token ids of every item."""
+    h = hashlib.sha256()
+    for it in calib.items:
+        h.update(f"{it.subset}:{it.target_start}:{','.join(map(str, it.input_ids))};".encode())
+    return {"method": "exact", "num_layers": layout.num_layers, "num_heads": layout.num_heads,
+            "n_items": len(calib.items), "items_sha256": h.hexdigest()}
+
+
+# ------------------------------------------------------------------ scoring
+@dataclass
+class ChunkState:
+    """One chunk of calibration items while its layers are being scored.
+
+    Attributes:
+        batch: the right-padded batch (B rows).
+        targets: where its targets are predicted.
+        hidden: (B, S, d) hidden states entering the layer being scored.
+        layer_kwargs: per layer, the arguments the model gave that layer for this batch.
+        heads_per_pass: how many heads one stacked pass holds.
+    """
+
+    batch: Batch
+    targets: TargetTokens
+    hidden: torch.Tensor
+    layer_kwargs: list[dict]
+    heads_per_pass: int
+
+
+def masked_loss_sums(model: nn.Module, layout: ModelLayout, layer: int, state: ChunkState, heads: list[int],
+                     max_logit_rows: int) -> torch.Tensor:
+    """(len(heads), B) target loss sums with each of ``heads`` of ``layer`` masked in turn."""
+    n, rows = len(heads), state.batch.input_ids.shape[0]
+    mask = torch.ones(n, layout.num_heads)
+    mask[torch.arange(n), torch.tensor(heads)] = 0.0
+    row_mask = mask.repeat_interleave(rows, dim=0)  # (n * B, H): block k masks heads[k]
+    memo: dict[int, torch.Tensor] = {}
+    kwargs = [repeat_layer_kwargs(kw, rows, n, memo) if i >= layer else None for i, kw in enumerate(state.layer_kwargs)]
+    hidden = state.hidden.repeat(n, 1, 1)  # (n * B, S, d)
+    with mask_heads(model, {layer: row_mask}, layout):
+        final = run_layers(layout, model, hidden, kwargs, layer)
+    return target_loss_sums(model, layout, final, state.targets, rows, max_logit_rows)
+
+
+def _score_layer(model: nn.Module, layout: ModelLayout, layer: int, states: list[ChunkState], n_items: int,
+                 max_logit_rows: int) -> torch.Tensor:
+    """(H, N) float64 target loss sums of every item with each head of ``layer`` masked."""
+    sums = torch.zeros(layout.num_heads, n_items, dtype=torch.float64)
+    for state in states:
+        items = torch.tensor(state.batch.items)
+        for group in head_groups(layout.num_heads, state.heads_per_pass):
+            sums[torch.tensor(group).unsqueeze(1), items] = masked_loss_sums(
+                model, layout, layer, state, group, max_logit_rows).cpu()
+    return sums
+
+
+@torch.inference_mode()
+def score_heads_fast(
+    model: nn.Module, calib: CalibrationSet, *, aggregate: str = "median", batch_size: int = 8,
+    max_padding: float = 0.02, memory_budget: int | None = None, checkpoint_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> HeadScores:
+    """Exact causal head scores with prefix reuse, head batching and target-only logits.
+
+    Args:
+        model: a supported causal LM (unchanged on return).
+        calib: the calibration set with its K subsets.
+        aggregate: ``median`` (paper) or ``mean``.
+        batch_size: at most this many calibration items per chunk.
+        max_padding: a chunk's padding stays within this fraction of its real tokens.
+        memory_budget: bytes of activations per masked pass (default
+            :func:`default_memory_budget`); it sets the heads per pass and the logit rows.
+        checkpoint_dir: folder for per-layer progress; an interrupted run resumes from it.
+        progress: show a progress bar over layers.
+
+    Returns:
+        :class:`cap_lab.scoring.HeadScores`, equal to the reference scorer's up to float
+        rounding; ``settings`` records the chunking.
+    """
+    layout = get_layout(model)
+    device = model_device(model)
+    budget = int(memory_budget) if memory_budget is not None else default_memory_budget(device)
+    if budget <= 0:
+        raise ValueError(f"memory_budget={memory_budget}; must be > 0 bytes")
+    vocab = layout.lm_head(model).out_features
+    max_logit_rows = max(1, budget // (3 * 4 * vocab))  # logits, log-softmax, gradient-free temporaries
+    n_items = len(calib.items)
+    store = LayerCheckpoints(checkpoint_dir, run_signature(calib, layout)) if checkpoint_dir else None
+    done = store.finished() if store else {}
+    start = min(len(done), layout.num_layers - 1)
+
+    lengths = [len(it.input_ids) for it in calib.items]
+    intact_sums = torch.zeros(n_items, dtype=torch.float64)
+    counts = torch.zeros(n_items, dtype=torch.float64)
+    states, padded = [], 0
+    for chunk in plan_chunks(lengths, batch_size, max_padding):
+        batch = make_batch([calib.items[i] for i in chunk], tuple(chunk), calib.pad_token_id, device)
+        rows, width = batch.input_ids.shape
+        padded += rows * width
+        captured = intact_pass(model, layout, batch, start)
+        targets = TargetTokens.of(batch)
+        index = torch.tensor(chunk)
+        intact_sums[index] = target_loss_sums(model, layout, captured.final, targets, rows, max_logit_rows)[0].cpu()
+        counts[index] = torch.bincount(targets.rows, minlength=rows).double().cpu()
+        per_pass = heads_per_pass(rows, width, activation_bytes_per_token(model, layout, width), layout.num_heads, budget)
+        states.append(ChunkState(batch, targets, captured.hidden, captured.layer_kwargs, per_pass))
+
+    sums = torch.zeros(layout.num_layers, layout.num_heads, n_items, dtype=torch.float64)
+    for layer, layer_sums in done.items():
+        sums[layer] = layer_sums
+    layers = layout.layers(model)
+    bar = tqdm(total=layout.num_layers, initial=len(done), desc="scoring heads (exact)", disable=not progress)
+    for layer in range(len(done), layout.num_layers):
+        sums[layer] = _score_layer(model, layout, layer, states, n_items, max_logit_rows)
+        if store:
+            store.save(layer, sums[layer])
+        if layer + 1 < layout.num_layers:
+            for state in states:
+                state.hidden = call_layer(layers[layer], state.hidden, state.layer_kwargs[layer])
+        bar.update()
+    bar.close()
+
+    masked = torch.stack([subset_mean_losses(calib, sums[l, h], counts)
+                          for l in range(layout.num_layers) for h in range(layout.num_heads)], dim=1)
+    masked = masked.view(-1, layout.num_layers, layout.num_heads).float()  # (K, L, H), stored precision
+    intact = subset_mean_losses(calib, intact_sums, counts).float()
+    settings = {"method": "exact", "chunks": len(states), "padded_tokens": padded,
+                "heads_per_pass": [s.heads_per_pass for s in states], "resumed_from_layer": len(done)}
+    return HeadScores(aggregate_scores(masked, intact, aggregate), masked, intact, aggregate, settings)
