@@ -318,7 +318,7 @@ class SweepResult:
         """One row per (model, method, sparsity, task, mode), with value and CI."""
         rows = [dict(model=r["model"], method=r["method"], sparsity=r["sparsity"], achieved_sparsity=r["achieved_sparsity"], **row)
                 for r in self.records for row in r["rows"]]
-        return pd.DataFrame(rows)
+        return pd.DataFrame(rows, columns=RESULT_COLUMNS)
 
     def layer_sparsity(self) -> pd.DataFrame:
         """One row per (model, method, sparsity, layer)."""
@@ -330,6 +330,7 @@ class SweepResult:
         return SweepResult(self.profile, self.records + other.records)
 
 
+RESULT_COLUMNS = ["model", "method", "sparsity", "achieved_sparsity", "task", "mode", "metric", "value", "ci_low", "ci_high", "n"]
 METHOD_NAMES = {DENSE: "Dense", "magnitude": "Magnitude", "wanda": "Wanda", "cap": "CAP"}
 TASK_NAMES = {"gsm8k": "GSM8K", "strategyqa": "StrategyQA", "arc_challenge": "ARC-C.", "wikitext2": "WikiText-2"}
 
