@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("score", "prune")
+COMMANDS = ("score", "prune", "eval")
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError)
 
 
