@@ -44,7 +44,10 @@ class EvalSettings:
     """How each sweep cell is evaluated (:func:`cap_lab.evaluation.evaluate`).
 
     Attributes:
-        tasks: reasoning benchmarks, scored by log-likelihood of the gold answer.
+        tasks: reasoning benchmarks; those with answer options (StrategyQA, ARC-Challenge) get
+            option log-likelihood accuracy.
+        cot_tasks: benchmarks that also get greedy chain-of-thought accuracy (GSM8K has no
+            options, so CoT is its only accuracy).
         loglik_limit: examples per task for log-likelihood accuracy (``None``: the whole split).
         cot_limit: examples per task for greedy chain-of-thought accuracy (0: skip CoT).
         cot_max_new_tokens: generation budget of CoT (``None``: the evaluator's default).
@@ -55,6 +58,7 @@ class EvalSettings:
     """
 
     tasks: tuple[str, ...] = EVAL_TASKS
+    cot_tasks: tuple[str, ...] = EVAL_TASKS
     loglik_limit: int | None = 200
     cot_limit: int = 20
     cot_max_new_tokens: int | None = 256
@@ -64,7 +68,7 @@ class EvalSettings:
     seed: int = 0
 
     def to_dict(self) -> dict:
-        return dict(asdict(self), tasks=list(self.tasks))
+        return dict(asdict(self), tasks=list(self.tasks), cot_tasks=list(self.cot_tasks))
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class Profile:
         stability_seed: a second calibration seed, for ranking stability (notebook 02).
         score_method: head scorer (``exact`` masks every head; see :mod:`cap_lab.scoring`).
         score_batch_size: calibration items per scoring forward.
+        compare_scoring: other scorers shown beside ``score_method`` in notebook 02.
         magnitude_scope: ``layer`` (the same sparsity in every matrix) or ``global`` (one
             threshold) for the magnitude baseline; ``layer`` is much cheaper on a CPU.
         methods: pruning methods compared with the dense model.
@@ -96,6 +101,7 @@ class Profile:
     stability_seed: int = 1
     score_method: str = "exact"
     score_batch_size: int = 8
+    compare_scoring: tuple[str, ...] = ("attribution",)
     magnitude_scope: str = "layer"
     methods: tuple[str, ...] = PRUNE_METHODS
     sparsities: tuple[float, ...] = (0.1, 0.2, 0.5)
@@ -119,6 +125,7 @@ class Profile:
         return dict(
             name=self.name, models=list(self.models), calibration=self.calibration.to_dict(),
             stability_seed=self.stability_seed, score_method=self.score_method,
+            compare_scoring=list(self.compare_scoring),
             magnitude_scope=self.magnitude_scope,
             methods=list(self.methods), sparsities=list(self.sparsities), eval=self.eval.to_dict(),
             explorer_sparsities=list(self.explorer_sparsities), figures_dir=self.figures_dir,
@@ -146,9 +153,11 @@ PROFILES: dict[str, Profile] = {
             name="ci",
             models=(DEFAULT_MODEL,),
             calibration=CalibrationConfig(n_per_task=2, n_subsets=2, max_length=64),
-            score_method="exact",
+            score_method="attribution",  # exact masking needs ~135 passes: ~15 min here under load
+            compare_scoring=(),
             sparsities=(0.5,),
-            eval=EvalSettings(loglik_limit=2, cot_limit=1, cot_max_new_tokens=16, ppl_seqlen=128, ppl_windows=1, batch_size=4),
+            eval=EvalSettings(cot_tasks=("gsm8k",), loglik_limit=2, cot_limit=1, cot_max_new_tokens=8, ppl_seqlen=128,
+                              ppl_windows=1, batch_size=4),
             explorer_sparsities=(0.2, 0.5),
             figures_dir="executed/figures-ci",
             description="real default model, smallest settings that exercise every code path",
@@ -156,10 +165,11 @@ PROFILES: dict[str, Profile] = {
         Profile(
             name="cpu",
             models=(DEFAULT_MODEL, "gemma3-270m"),
-            calibration=CalibrationConfig(n_per_task=4, n_subsets=2, max_length=128),
+            calibration=CalibrationConfig(n_per_task=3, n_subsets=3, max_length=96),
             score_method="exact",
             sparsities=(0.2, 0.5),
-            eval=EvalSettings(loglik_limit=100, cot_limit=10, cot_max_new_tokens=128, ppl_seqlen=512, ppl_windows=4, batch_size=8),
+            eval=EvalSettings(cot_tasks=("gsm8k",), loglik_limit=25, cot_limit=5, cot_max_new_tokens=96, ppl_seqlen=256,
+                              ppl_windows=2, batch_size=8),
             figures_dir="figures",
             description="laptop-class CPU: default model + gemma3-270m, < 45 min for notebooks 01-04",
         ),

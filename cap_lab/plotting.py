@@ -221,26 +221,35 @@ def median_vs_mean(median: torch.Tensor, mean: torch.Tensor, *, model: str, prof
 
 # ------------------------------------------------------------------ notebooks 03 and 04: the sweep
 def accuracy_vs_sparsity(results: pd.DataFrame, *, model: str, profile=None) -> Figure:
-    """One panel per task and mode: value vs sparsity for each method, with CI bars; dense at 0."""
+    """One panel per task and mode: value vs sparsity for each method, with 95% CI bars; dense at 0.
+
+    Methods are shifted by a percentage point along x so that equal values stay visible.
+    """
     df = results[results["model"] == model]
     panels = df[["task", "mode"]].drop_duplicates().values.tolist()
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.4), squeeze=False)
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
     dense = df[df["method"] == "dense"]
-    for ax, (task, mode) in zip(axes[0], panels):
+    offsets = {"magnitude": -1.0, "wanda": 0.0, "cap": 1.0}
+    for ax, (task, mode) in zip(axes.flat, panels):
         part = df[(df["task"] == task) & (df["mode"] == mode)]
         base = dense[(dense["task"] == task) & (dense["mode"] == mode)]
+        scale = 1 if mode == "ppl" else 100
         for method in [m for m in PALETTE if m != "dense" and m in set(part["method"])]:
             rows = pd.concat([base, part[part["method"] == method]]).sort_values("sparsity")
-            scale = 1 if mode == "ppl" else 100
-            ax.errorbar(100 * rows["sparsity"], scale * rows["value"],
-                        yerr=[scale * (rows["value"] - rows["ci_low"]), scale * (rows["ci_high"] - rows["value"])],
-                        marker="o", capsize=3, color=PALETTE[method], label=method)
-        unit = "perplexity (lower is better)" if mode == "ppl" else "accuracy (%)"
-        ax.set(title=f"{task} ({mode})", xlabel="sparsity (%)", ylabel=unit)
+            low = (rows["value"] - rows["ci_low"]).fillna(0)
+            high = (rows["ci_high"] - rows["value"]).fillna(0)
+            ax.errorbar(100 * rows["sparsity"] + offsets.get(method, 0), scale * rows["value"], yerr=[scale * low, scale * high],
+                        marker="o", ms=4, capsize=3, color=PALETTE[method], label=method)
+        ax.set(title=f"{task} ({mode})", xlabel="sparsity (%)",
+               ylabel="perplexity (lower is better)" if mode == "ppl" else "accuracy (%)")
         if mode == "ppl":
             ax.set_yscale("log")
         ax.legend(fontsize=7)
-    fig.suptitle(f"Reasoning accuracy and perplexity vs sparsity: {model}")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(f"Accuracy and perplexity vs sparsity (dense at 0%): {model}")
     _note(fig, model, profile)
     fig.tight_layout()
     return fig

@@ -231,7 +231,7 @@ def evaluate_model(lm: LoadedModel, profile: Profile, *, data_dir=None, progress
         data_dir: benchmark data folder.
         progress: progress bars.
         loglik: tasks for log-likelihood accuracy (default: the profile's tasks that have it).
-        cot: tasks for chain-of-thought accuracy (default: the profile's tasks if
+        cot: tasks for chain-of-thought accuracy (default: the profile's ``cot_tasks`` if
             ``cot_limit`` > 0).
         ppl: also WikiText-2 perplexity.
 
@@ -242,7 +242,7 @@ def evaluate_model(lm: LoadedModel, profile: Profile, *, data_dir=None, progress
     """
     ev = profile.eval
     loglik = list(loglik if loglik is not None else loglik_tasks(ev.tasks))
-    cot = list(cot if cot is not None else (ev.tasks if ev.cot_limit else ()))
+    cot = list(cot if cot is not None else (ev.cot_tasks if ev.cot_limit else ()))
     common = dict(seed=ev.seed, data_dir=data_dir, batch_size=ev.batch_size, progress=progress)
     rows: list[dict] = []
     if loglik:
