@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from cap_lab.adapters import get_layout, model_device
 from cap_lab.calibration import CalibrationSet
 from cap_lab.decoder_replay import TargetTokens, intact_pass, target_loss_sums
-from cap_lab.scoring import HeadScores, aggregate_scores, subset_mean_losses
+from cap_lab.scoring import AGGREGATES, HeadScores, aggregate_scores, subset_mean_losses
 
 
 def score_heads_attribution(model: nn.Module, calib: CalibrationSet, *, aggregate: str = "median", batch_size: int = 8,
@@ -57,6 +57,8 @@ def score_heads_attribution(model: nn.Module, calib: CalibrationSet, *, aggregat
         :class:`cap_lab.scoring.HeadScores` whose ``masked_losses`` are intact loss plus the
         linear estimate (see the module docstring for where that estimate fails).
     """
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate={aggregate!r}; allowed: {', '.join(AGGREGATES)}")
     layout = get_layout(model)
     device = model_device(model)
     n_items, k = len(calib.items), calib.config.n_subsets

@@ -38,7 +38,7 @@ from cap_lab.adapters import ModelLayout, get_layout, model_device
 from cap_lab.calibration import Batch, CalibrationSet, make_batch
 from cap_lab.decoder_replay import TargetTokens, call_layer, intact_pass, repeat_layer_kwargs, run_layers, target_loss_sums
 from cap_lab.hooks import mask_heads
-from cap_lab.scoring import HeadScores, aggregate_scores, subset_mean_losses
+from cap_lab.scoring import AGGREGATES, HeadScores, aggregate_scores, subset_mean_losses
 
 CPU_MEMORY_BUDGET = 1 << 30  # bytes of activations per masked pass on CPU
 CUDA_MEMORY_FRACTION = 0.5  # of the free device memory
@@ -236,6 +236,8 @@ def score_heads_fast(
         :class:`cap_lab.scoring.HeadScores`, equal to the reference scorer's up to float
         rounding; ``settings`` records the chunking.
     """
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate={aggregate!r}; allowed: {', '.join(AGGREGATES)}")
     layout = get_layout(model)
     device = model_device(model)
     budget = int(memory_budget) if memory_budget is not None else default_memory_budget(device)
