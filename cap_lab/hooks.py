@@ -85,10 +85,15 @@ def mask_heads(model: nn.Module, head_mask: HeadMask | torch.Tensor, layout: Mod
 @contextmanager
 def capture_inputs(modules: Mapping[str, nn.Module], callback: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
     """Call ``callback(name, input)`` with the first positional input of each module's forward."""
+    def observer(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:  # returns None: the input is never replaced
+            callback(name, args[0])
+        return hook
+
     handles = []
     try:
         for name, module in modules.items():
-            handles.append(module.register_forward_pre_hook(lambda m, args, _n=name: callback(_n, args[0])))
+            handles.append(module.register_forward_pre_hook(observer(name)))
         yield
     finally:
         for handle in handles:
@@ -96,18 +101,4 @@ def capture_inputs(modules: Mapping[str, nn.Module], callback: Callable[[str, to
 
 
 class StopForward(Exception):
-    """Raised by :func:`stop_after` to end a forward pass early."""
-
-
-@contextmanager
-def stop_after(module: nn.Module) -> Iterator[None]:
-    """Abort the forward pass right after ``module`` ran (catch :class:`StopForward`)."""
-
-    def hook(m, args, output):
-        raise StopForward
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+    """Raised by a hook to end a forward pass early (the caller catches it)."""

@@ -11,17 +11,20 @@ CAP turns head scores into weight scores:
   group on average, the max protects it as much as its most important reader); MLP projections
   (gate/up/down) get the layer's mean head factor;
 * weight score ``|W| * I`` (Eq. 4), and one global threshold over all decoder attention and MLP
-  linear weights (never embeddings, norms, biases or ``lm_head``), found by bisection to reach
-  the target sparsity within ``tolerance`` (1e-4 absolute). Counting is done per matrix, so no
-  tensor of all scores is ever built. If ties make the target unreachable by a threshold
-  alone, the tied weights are taken in parameter order until the target is met.
+  linear weights (never embeddings, norms, biases or ``lm_head``), found by a search over the
+  threshold (:func:`global_threshold`: a sampled bracket, then an exact order statistic inside
+  it) that prunes exactly the target count, well within ``tolerance`` (1e-4 absolute).
+  Counting is done per matrix, so no tensor of all scores is ever built. If scores tie at the
+  threshold, the tied weights are taken in parameter order until the target is met.
 
 Baselines, on the same calibration inputs and the same linear layers:
 
 * ``wanda``: ``|W_ij| * ||X_j||_2`` with input-feature norms over all non-padding calibration
   tokens, pruned per output row at the target sparsity (the lowest ``int(in * s)`` of each row,
   stable sort), layer by layer with each layer's inputs taken from the already pruned earlier
-  layers, as locuslab/wanda does;
+  layers, as locuslab/wanda does (one intact pass captures the inputs of layer 0 and each
+  layer's call arguments, :mod:`cap_lab.decoder_replay`; then each layer runs twice per
+  calibration batch: dense to collect its statistics, pruned to feed the next layer);
 * ``magnitude``: ``|W|`` with one global threshold (``magnitude_scope="global"``) or the same
   sparsity in every matrix (``"layer"``);
 * ``random``: a seeded random choice of the same fraction of each matrix.
@@ -41,7 +44,7 @@ from tqdm.auto import tqdm
 
 from cap_lab.adapters import ATTENTION_PROJECTIONS, ModelLayout, get_layout, model_device
 from cap_lab.calibration import CalibrationSet
-from cap_lab.hooks import StopForward, capture_inputs, stop_after
+from cap_lab.hooks import capture_inputs
 
 PRUNE_METHODS = ("cap", "wanda", "magnitude", "random")
 KV_REDUCE = ("mean", "max")
@@ -149,20 +152,9 @@ def _count_below(score_fn: ScoreFn, targets: list[Target], t: float) -> int:
     return sum(int((score_fn(l, n, m.weight) < t).sum()) for l, n, m in targets)
 
 
-def global_threshold(score_fn: ScoreFn, targets: list[Target], sparsity: float, tolerance: float = 1e-4,
-                     max_iter: int = 100) -> tuple[float, float, int]:
-    """Bisection for one threshold over all matrices.
-
-    Returns:
-        ``(lo, hi, extra)``: prune every weight with score < ``lo``, plus the first ``extra``
-        weights (parameter order) with ``lo <= score < hi`` (non-zero only when ties block the
-        target). The total is within ``tolerance`` of ``sparsity``.
-    """
-    total = sum(m.weight.numel() for _, _, m in targets)
-    want = round(sparsity * total)
-    slack = int(tolerance * total * 0.5)
-    if want == 0:
-        return 0.0, 0.0, 0
+def _bisect_threshold(score_fn: ScoreFn, targets: list[Target], want: int, slack: int,
+                      max_iter: int = 100) -> tuple[float, float, int]:
+    """Plain bisection on the threshold (one counting pass per step); the fallback."""
     hi = max(float(score_fn(l, n, m.weight).max()) for l, n, m in targets)
     hi = hi * (1 + 1e-6) + 1e-30
     lo, n_lo = 0.0, _count_below(score_fn, targets, 0.0)
@@ -178,6 +170,54 @@ def global_threshold(score_fn: ScoreFn, targets: list[Target], sparsity: float, 
         else:
             hi = mid
     return lo, hi, max(0, want - n_lo)
+
+
+def global_threshold(score_fn: ScoreFn, targets: list[Target], sparsity: float, tolerance: float = 1e-4,
+                     sample_size: int = 1 << 20, seed: int = 0) -> tuple[float, float, int]:
+    """The global threshold that prunes exactly ``round(sparsity * total)`` weights.
+
+    A search over the threshold, done in two counting passes rather than one per bisection
+    step: (1) a uniform sample of the scores brackets the target quantile with a margin of
+    many standard errors; (2) one pass counts the scores below the bracket and collects those
+    inside it, whose exact order statistic is the threshold. Should the bracket miss (it is
+    astronomically unlikely), plain bisection takes over. No tensor of all scores is built.
+
+    Returns:
+        ``(lo, hi, extra)``: prune every weight with score < ``lo``, plus the first ``extra``
+        weights (parameter order) with ``lo <= score < hi``; ``extra`` is non-zero only where
+        scores tie at the threshold. The count is exact, so the achieved sparsity is within
+        ``tolerance`` (and 1/total) of the target.
+    """
+    total = sum(m.weight.numel() for _, _, m in targets)
+    want = round(sparsity * total)
+    if want == 0:
+        return 0.0, 0.0, 0
+    g = torch.Generator().manual_seed(seed)
+    sample = []
+    for l, n, m in targets:
+        k = max(1, round(sample_size * m.weight.numel() / total))
+        idx = torch.randint(m.weight.numel(), (k,), generator=g).to(m.weight.device)
+        sample.append(score_fn(l, n, m.weight).flatten()[idx].float().cpu())
+    sample = torch.sort(torch.cat(sample)).values
+    q = want / total
+    margin = 8.0 * (q * (1 - q) / sample.numel()) ** 0.5 + 2.0 / sample.numel()
+    lo_i, hi_i = int((q - margin) * sample.numel()), int((q + margin) * sample.numel()) + 1
+    lo_t = float(sample[lo_i]) if lo_i > 0 else float("-inf")
+    hi_t = float(sample[hi_i]) if hi_i < sample.numel() else float("inf")
+    below, band = 0, []
+    for l, n, m in targets:
+        score = score_fn(l, n, m.weight)
+        below += int((score < lo_t).sum())
+        band.append(score[(score >= lo_t) & (score < hi_t)].float().cpu())
+    band = torch.cat(band)
+    rank = want - below  # how many of the band's smallest to prune
+    if not 0 <= rank <= band.numel():
+        return _bisect_threshold(score_fn, targets, want, int(tolerance * total * 0.5))
+    if rank == 0:
+        return lo_t, lo_t, 0
+    value = float(torch.kthvalue(band, rank).values)
+    strictly_below = below + int((band < value).sum())
+    return value, float(torch.nextafter(torch.tensor(value), torch.tensor(float("inf")))), want - strictly_below
 
 
 def threshold_masks(score_fn: ScoreFn, targets: list[Target], lo: float, hi: float, extra: int) -> Iterator[tuple[nn.Linear, torch.Tensor]]:
@@ -225,28 +265,40 @@ def wanda_row_mask(weight: torch.Tensor, input_norm_sq: torch.Tensor, sparsity: 
 
 
 @torch.inference_mode()
-def wanda_input_norms(model: nn.Module, layout: ModelLayout, calib: CalibrationSet, layer: int, batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """Sum over non-padding calibration tokens of each input feature squared, for layer ``layer``.
+def wanda_prune_sequential(model: nn.Module, layout: ModelLayout, calib: CalibrationSet, sparsity: float,
+                           batch_size: int = 8, progress: bool = True) -> int:
+    """Wanda over all layers in order; returns the number of weights selected.
 
-    Returns ``{projection: (in_features,)}``; the forward stops after that layer.
+    Input-feature statistics of layer l are sums of squares over the non-padding calibration
+    tokens (Wanda's running mean differs by a constant factor, which leaves every row's
+    order unchanged), taken with layers 0..l-1 already pruned.
     """
-    modules = {n: m for l, n, m in layout.linear_weights(model) if l == layer}
-    sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in modules.items()}
-    state = {}
-
-    def accumulate(name: str, x: torch.Tensor) -> None:  # x: (B, S, in)
-        keep = state["mask"].to(x.device, torch.float32).unsqueeze(-1)
-        sums[name] += ((x.float() ** 2) * keep).sum(dim=(0, 1)).double().cpu()
+    from cap_lab.decoder_replay import call_layer, intact_pass
 
     device = model_device(model)
-    with capture_inputs(modules, accumulate), stop_after(layout.layers(model)[layer]):
-        for batch in calib.batches(list(range(len(calib.items))), batch_size, device):
-            state["mask"] = batch.attention_mask
-            try:
-                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-            except StopForward:
-                pass
-    return sums
+    states = []  # per batch: [hidden (B, S, d) entering the current layer, layer kwargs, attention mask (B, S)]
+    for batch in calib.batches(list(range(len(calib.items))), batch_size, device):
+        captured = intact_pass(model, layout, batch, start=0)
+        states.append([captured.hidden, captured.layer_kwargs, batch.attention_mask])
+    layers = layout.layers(model)
+    selected = 0
+    for layer in tqdm(range(layout.num_layers), desc="wanda layers", disable=not progress):
+        modules = {n: m for l, n, m in layout.linear_weights(model) if l == layer}
+        sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in modules.items()}
+        current = {}
+
+        def accumulate(name: str, x: torch.Tensor) -> None:  # x: (B, S, in)
+            keep = current["mask"].to(x.device, torch.float32).unsqueeze(-1)
+            sums[name] += ((x.float() ** 2) * keep).sum(dim=(0, 1)).double().cpu()
+
+        with capture_inputs(modules, accumulate):
+            for hidden, kwargs, mask in states:
+                current["mask"] = mask
+                call_layer(layers[layer], hidden, kwargs[layer])
+        selected += apply_pruning_masks((m, wanda_row_mask(m.weight, sums[n], sparsity)) for n, m in modules.items())
+        for state in states:  # the pruned layer feeds the next one
+            state[0] = call_layer(layers[layer], state[0], state[1][layer])
+    return selected
 
 
 # ------------------------------------------------------------------ the one mutation
@@ -329,11 +381,7 @@ def prune_model(model: nn.Module, config: PruneConfig, *, head_scores: torch.Ten
     else:  # wanda, sequential over layers
         if calib is None:
             raise ValueError("method 'wanda' needs a calibration set")
-        selected = 0
-        for layer in tqdm(range(layout.num_layers), desc="wanda layers", disable=not progress):
-            norms = wanda_input_norms(model, layout, calib, layer, batch_size)
-            layer_targets = [(n, m) for l, n, m in targets if l == layer]
-            selected += apply_pruning_masks((m, wanda_row_mask(m.weight, norms[n], config.sparsity)) for n, m in layer_targets)
+        selected = wanda_prune_sequential(model, layout, calib, config.sparsity, batch_size, progress)
     report = sparsity_report(model, layout)
     achieved = float(report["zeros"].sum() / report["numel"].sum())
     return PruneResult(config, float(config.sparsity), achieved, selected, total, threshold, report)

@@ -95,6 +95,29 @@ def test_wanda_equals_a_direct_per_row_computation(data_dir):
             assert zero == pruned, (name, row)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_wanda_is_sequential_like_the_reference(arch, data_dir):
+    """Layer l's statistics come from the model whose layers < l are already pruned."""
+    lm, ref = tiny_random_model(arch), tiny_random_model(arch)
+    calib = build_calibration_set(lm.tokenizer, CalibrationConfig(n_per_task=2, n_subsets=2, max_length=40), data_dir)
+    prune_model(lm.model, PruneConfig(method="wanda", sparsity=0.4), calib=calib, batch_size=4, progress=False)
+    layout = get_layout(ref.model)
+    for layer in range(layout.num_layers):  # the reference loop, written out with full forwards
+        mods = {n: m for l, n, m in layout.linear_weights(ref.model) if l == layer}
+        sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in mods.items()}
+        keep = {}
+        cb = lambda n, x: sums[n].add_((x.double() ** 2 * keep["m"].unsqueeze(-1)).sum(dim=(0, 1)))
+        with torch.no_grad(), capture_inputs(mods, cb):
+            for b in calib.batches(list(range(len(calib.items))), 4):
+                keep["m"] = b.attention_mask.double()
+                ref.model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+        with torch.no_grad():
+            for n, m in mods.items():
+                m.weight[wanda_row_mask(m.weight, sums[n], 0.4)] = 0
+    for (_, n, a), (_, _, b) in zip(layout.linear_weights(lm.model), layout.linear_weights(ref.model)):
+        assert torch.equal(a.weight == 0, b.weight == 0), n
+
+
 def test_wanda_row_mask_counts():
     w = torch.randn(5, 10)
     mask = wanda_row_mask(w, torch.ones(10), 0.35)
