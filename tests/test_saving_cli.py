@@ -51,7 +51,7 @@ def test_cli_score_then_prune_on_a_local_model(tiny_dir, data_dir, tmp_path, cap
     (["prune", "--sparsity", "1.5", "--out", "x"], "sparsity=1.5"),
     (["prune", "--sparsity", "0.2", "--method", "obd", "--out", "x"], "'obd'"),
     (["score", "--calib-per-task", "2", "--subsets", "3"], "n_per_task=2"),
-    (["score", "--model", "no-such-model-anywhere-xyz", "--calib-per-task", "2", "--subsets", "2"], "no-such-model"),
+    (["score", "--model", "./no-such-model", "--calib-per-task", "2", "--subsets", "2"], "no-such-model"),
 ])
 def test_cli_bad_input_exits_nonzero_with_one_line(args, needle, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
