@@ -9,7 +9,7 @@ line is machine-readable::
 
     batch1_tok_s=<a> batched_tok_s=<b> ratio=<b/a>
 
-Usage: ``python benchmarks/bench_generation.py [--batch-size 32] [--max-new-tokens 128]``
+Usage: ``python benchmarks/bench_generation.py [--batch-size 32] [--max-new-tokens 256] [--threads 1]``
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def main() -> None:
     p.add_argument("--n-prompts", type=int, default=32, help="prompts of the batched run")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--batch1-prompts", type=int, default=4, help="seeded subset run at batch 1")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()

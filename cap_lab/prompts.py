@@ -83,18 +83,26 @@ def calibration_target(example: Example, fmt: TargetFormat = TargetFormat()) -> 
 
 # ------------------------------------------------------------------ evaluation prompts
 COT_INSTRUCTIONS = {
+    # Chosen on 16 train/validation examples per task (never the test splits): against a
+    # shorter "reason step by step, then write the final answer..." wording, these made
+    # SmolLM2-135M-Instruct write more complete chains (answer line present: GSM8K 25% vs 6%,
+    # ARC 6% vs 0%). "One short step per line" makes the line-based step count of
+    # cap_lab.evaluation.chains meaningful.
     "gsm8k": (
-        "Solve the following math problem step by step. After your reasoning, write the "
-        "final answer on its own last line in the form \"Answer: <number>\"."
+        "Solve the math problem below. Explain your reasoning step by step, one short step per "
+        "line. Then end your reply with a line that says exactly \"Answer: <number>\", for "
+        "example \"Answer: 42\"."
     ),
     "strategyqa": (
-        "Answer the following yes/no question. Reason step by step, then write the final "
-        "answer on its own last line in the form \"Answer: yes\" or \"Answer: no\"."
+        "Answer the yes/no question below. Explain your reasoning step by step in a few short "
+        "sentences. Then end your reply with a line that says exactly \"Answer: yes\" or "
+        "\"Answer: no\"."
     ),
     "arc_challenge": (
-        "Answer the following multiple-choice science question. Reason step by step, then "
-        "write the final answer on its own last line in the form \"Answer: <letter>\", where "
-        "<letter> is the label of the correct option."
+        "Answer the multiple-choice science question below. Explain your reasoning step by step "
+        "in a few short sentences. Then end your reply with a line that says exactly "
+        "\"Answer: <label>\", where <label> is the label of the correct option, for example "
+        "\"Answer: B\"."
     ),
 }
 

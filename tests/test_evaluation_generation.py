@@ -2,10 +2,11 @@
 import pytest
 import torch
 
-from cap_lab.evaluation.generation import generate_greedy, stop_token_ids
+from cap_lab.evaluation.generation import common_prefix_length, generate_greedy, stop_token_ids
 from cap_lab.models import tiny_random_model, tiny_tokenizer
 
-TEXTS = ["Hi", "What is two plus three?", "x" * 37, "Why?"]
+INSTRUCTION = "Answer briefly.\nQ: "  # a shared prefix, as the system prompt and instruction of real prompts
+TEXTS = [INSTRUCTION + q for q in ("Hi", "What is two plus three?", "x" * 37, "Why?")]
 
 
 @pytest.fixture(autouse=True)
@@ -18,7 +19,7 @@ def one_thread():
 
 
 def _prompts(tokenizer):
-    return [tokenizer(t)["input_ids"] for t in TEXTS]  # lengths 3 .. 38 with BOS
+    return [tokenizer(t)["input_ids"] for t in TEXTS]  # lengths 21 .. 56 with BOS, 18 shared
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
@@ -27,10 +28,17 @@ def test_batched_equals_unbatched(arch):
     prompts = _prompts(lm.tokenizer)
     kw = dict(max_new_tokens=8, stop_ids=(2,), pad_id=0)
     single = [generate_greedy(lm.model, [p], **kw)[0] for p in prompts]
-    batched = generate_greedy(lm.model, prompts, batch_size=len(prompts), **kw)
-    pairs = generate_greedy(lm.model, prompts, batch_size=2, **kw)
+    batched = generate_greedy(lm.model, prompts, batch_size=len(prompts), **kw)  # shared prefix run once
+    pairs = generate_greedy(lm.model, prompts, batch_size=2, **kw)  # prefix cache reused by two batches
+    unshared = generate_greedy(lm.model, prompts, batch_size=len(prompts), share_prefix=False, **kw)
     assert [g.tokens for g in batched] == [g.tokens for g in single] == [g.tokens for g in pairs]
-    assert [g.stopped for g in batched] == [g.stopped for g in single]
+    assert batched == unshared and [g.stopped for g in batched] == [g.stopped for g in single]
+
+
+def test_common_prefix_length_leaves_every_prompt_a_token():
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5, 6]]) == 3
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the shorter prompt keeps its last token
+    assert common_prefix_length([[7, 2], [1, 2]]) == 0
 
 
 def test_rows_stop_at_a_stop_token_and_the_rest_continue():

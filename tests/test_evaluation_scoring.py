@@ -120,14 +120,17 @@ def test_continuation_logprobs_are_exact_and_independent_of_batching():
 def test_shared_prompt_scoring_equals_scoring_each_concatenation(arch):
     lm = tiny_random_model(arch, seed=6)
     tok = lm.tokenizer
-    contexts = [tok(q)["input_ids"] for q in ("Is the sky blue?", "Which one?", "What do plants need to grow?")]
+    questions = ("Is the sky blue?", "Which one?", "What do plants need to grow?")
+    contexts = [tok("Answer the question.\nQ: " + q)["input_ids"] for q in questions]  # 24 tokens shared
     options = [[tok(t, add_special_tokens=False)["input_ids"] for t in texts]
                for texts in (["Yes", "No"], ["a", "bb", "ccc", "dddd", "e"], ["light", "sound", "x"])]
     fast = option_logprobs(lm.model, contexts, options, batch_size=2)
+    unshared = option_logprobs(lm.model, contexts, options, batch_size=3, share_prefix=False)
     flat_ctx = [c for c, opts in zip(contexts, options) for _ in opts]
     slow = continuation_logprobs(lm.model, flat_ctx, [o for opts in options for o in opts], batch_size=3)
     assert [len(f) for f in fast] == [2, 5, 3]
     assert [x for f in fast for x in f] == pytest.approx(slow, abs=1e-4)
+    assert [x for f in unshared for x in f] == pytest.approx(slow, abs=1e-4)
 
 
 def test_loglik_picks_the_option_the_model_is_forced_to_prefer(tmp_path):

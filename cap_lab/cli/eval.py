@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from cap_lab.cli.common import add_model_args, load_model_from_args
 from cap_lab.evaluation.runner import EVAL_TASKS, MODES, evaluate, parse_tasks, results_table
 
@@ -31,11 +33,13 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default=None, help="folder for the saved runs (default: the cap_lab cache)")
     p.add_argument("--force", action="store_true", help="recompute even if a run with the same settings is saved")
     p.add_argument("--data-dir", default=None, help="data folder (default: $CAP_LAB_DATA, else the hub)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (CoT) / sequences per forward")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together (CoT) / sequences per forward")
     p.add_argument("--max-new-tokens", type=int, default=None, help="CoT cap (default 512 GSM8K, 256 otherwise)")
     p.add_argument("--prompt-style", default="auto", help="auto, chat or plain")
     p.add_argument("--ppl-seqlen", type=int, default=2048, help="WikiText-2 window length (capped by the context)")
     p.add_argument("--ppl-windows", type=str, default="100", help="WikiText-2 windows, or 'all' (paper: 100)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 can be "
+                   "faster when other processes share the CPU)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(run=run)
 
@@ -51,10 +55,12 @@ def format_table(results) -> str:
 def run(args) -> int:
     tasks = parse_tasks(args.tasks, args.mode)  # validate before the slow load
     windows = _windows(args.ppl_windows)
-    for name in ("limit", "batch_size", "max_new_tokens", "ppl_seqlen"):
+    for name in ("limit", "batch_size", "max_new_tokens", "ppl_seqlen", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} {value}; must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     lm = load_model_from_args(args)
     results = evaluate(lm, tasks, mode=args.mode, limit=args.limit, seed=args.seed, out_dir=args.out,

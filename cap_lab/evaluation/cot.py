@@ -35,7 +35,7 @@ def score_generation(example: Example, text: str) -> dict:
 
 
 def cot_accuracy(lm, task: str, *, examples: list[Example] | None = None, limit: int | None = None, seed: int = 0,
-                 data_dir=None, max_new_tokens: int | None = None, batch_size: int = 16, prompt_style: str = "auto",
+                 data_dir=None, max_new_tokens: int | None = None, batch_size: int = 32, prompt_style: str = "auto",
                  out_dir=None, force: bool = False, progress: bool = True, model_info: dict | None = None) -> EvalResult:
     """Greedy chain-of-thought accuracy of a model on one reasoning task.
 

@@ -4,8 +4,12 @@
 the tokens that decoding that prompt alone would give:
 
 * prompts are sorted by length and cut into batches of ``batch_size`` (less padding);
-* each batch is **left-padded**; the attention mask hides the padding and the position ids
-  count real tokens only (``cumsum(mask) - 1``), so every row sees what it would see alone;
+* the tokens that every prompt starts with (system prompt, chat header, instruction: about
+  half of an evaluation prompt) are run once per call; each batch starts from a copy of that
+  prefix's KV cache (:func:`common_prefix_length`);
+* the rest of each prompt is **left-padded** after the prefix; the attention mask hides the
+  padding and the position ids count real tokens only (``cumsum(mask) - 1``), so every row
+  sees what it would see alone;
 * one prefill forward fills the KV cache (logits only for the last position), then one
   forward per new token feeds the argmax of the previous step;
 * a row stops at a stop token (EOS, and for chat models the end-of-turn token, see
@@ -15,10 +19,13 @@ the tokens that decoding that prompt alone would give:
 Ties in the argmax resolve to the lowest token id, as in ``torch.argmax``. Equality with
 unbatched decoding holds up to floating-point differences between batch shapes (a near-tie
 in a long chain can flip); the tests check it exactly on tiny float32 models, including a
-Gemma-3 model whose sliding window is shorter than the padded prompts.
+Gemma-3 model whose sliding window is shorter than the padded prompts. Padding between the
+shared prefix and a row's own tokens would take places in a sliding attention window, so
+the prefix is not shared when a model's window is shorter than the longest padded sequence.
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -28,6 +35,8 @@ from tqdm.auto import tqdm
 
 from cap_lab.adapters import model_device
 
+#: share a common prompt prefix only when it is at least this many tokens
+MIN_SHARED_PREFIX = 8
 #: end-of-turn tokens of common chat templates, used as stop tokens when the template has them
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
 
@@ -86,14 +95,68 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return ids.to(device), mask.to(device)  # (B, T), (B, T)
 
 
+def common_prefix_length(prompts: list[list[int]]) -> int:
+    """Number of leading tokens all prompts share, leaving every prompt at least one of its own."""
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        k = 0
+        while k < n and p[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
+
+
+def _sliding_window_too_short(model: nn.Module, longest_sequence: int) -> bool:
+    window = getattr(model.config, "sliding_window", None)
+    return bool(window) and window < longest_sequence
+
+
+@torch.inference_mode()
+def shared_prefix(model: nn.Module, prompts: list[list[int]], longest_sequence: int, enabled: bool = True):
+    """``(prefix_cache, prefix_len)`` of the prompts' common prefix, or ``(None, 0)`` when not worth it.
+
+    The prefix is run once (batch 1); :func:`prefill_inputs` copies its cache for each batch.
+    Not shared for fewer than two prompts, fewer than :data:`MIN_SHARED_PREFIX` common tokens,
+    or a sliding window shorter than ``longest_sequence`` (see the module docstring).
+    """
+    prefix_len = common_prefix_length(prompts) if enabled and len(prompts) > 1 else 0
+    if prefix_len < MIN_SHARED_PREFIX or _sliding_window_too_short(model, longest_sequence):
+        return None, 0
+    ids = torch.tensor([prompts[0][:prefix_len]], device=model_device(model))  # (1, P)
+    return model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values, prefix_len
+
+
+def prefill_inputs(prompts: list[list[int]], pad_id: int, device, prefix_cache=None, prefix_len: int = 0):
+    """Inputs of a batch's prefill forward: ``(ids, mask, positions, cache)``.
+
+    Without a prefix: ids (B, T) left-padded, mask (B, T), positions (B, T), cache ``None``.
+    With one: ids (B, T) are each prompt's own tokens after the prefix, left-padded; mask
+    (B, P + T) covers the prefix too; cache is a copy of ``prefix_cache`` repeated B times.
+    """
+    batch = len(prompts)
+    if prefix_cache is None:
+        ids, mask = left_pad(prompts, pad_id, device)  # (B, T)
+        return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), None
+    cache = copy.deepcopy(prefix_cache)
+    cache.batch_repeat_interleave(batch)  # (B, ...) copies of the prefix
+    ids, own_mask = left_pad([p[prefix_len:] for p in prompts], pad_id, device)  # (B, T)
+    mask = torch.cat([own_mask.new_ones((batch, prefix_len)), own_mask], dim=1)  # (B, P + T)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_len:]  # (B, T)
+    return ids, mask, positions, cache
+
+
 @torch.inference_mode()
 def generate_batch(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, stop_ids: tuple[int, ...],
-                   pad_id: int) -> list[Generation]:
-    """Greedy-decode one batch of prompts together (see the module docstring)."""
+                   pad_id: int, prefix_cache=None, prefix_len: int = 0) -> list[Generation]:
+    """Greedy-decode one batch of prompts together (see the module docstring).
+
+    ``prefix_cache`` (from :func:`shared_prefix`) holds the first ``prefix_len`` tokens that
+    all ``prompts`` share; it is copied, not changed.
+    """
     device = model_device(model)
-    ids, mask = left_pad(prompts, pad_id, device)  # (B, T)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    ids, mask, positions, cache = prefill_inputs(prompts, pad_id, device, prefix_cache, prefix_len)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
     cache = out.past_key_values
     next_tokens = out.logits[:, -1].argmax(-1)  # (B,)
     last_pos = positions[:, -1]  # (B,)
@@ -128,7 +191,8 @@ def generate_batch(model: nn.Module, prompts: list[list[int]], max_new_tokens: i
 
 
 def generate_greedy(model: nn.Module, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: tuple[int, ...],
-                    pad_id: int, batch_size: int = 16, progress: bool = False, desc: str = "generate") -> list[Generation]:
+                    pad_id: int, batch_size: int = 32, share_prefix: bool = True, progress: bool = False,
+                    desc: str = "generate") -> list[Generation]:
     """Greedy-decode every prompt; batched results equal unbatched ones (module docstring).
 
     Args:
@@ -138,6 +202,7 @@ def generate_greedy(model: nn.Module, prompts: list[list[int]], *, max_new_token
         stop_ids: token ids that end a row (:func:`stop_token_ids`).
         pad_id: id used for left padding (never attended to).
         batch_size: prompts decoded together.
+        share_prefix: run the prompts' common prefix once (same tokens, less prefill).
         progress: show a tqdm bar in prompts (examples/s) with the generated tokens/s.
         desc: the bar's label.
 
@@ -161,10 +226,14 @@ def generate_greedy(model: nn.Module, prompts: list[list[int]], *, max_new_token
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: memory peaks early
     results: list[Generation | None] = [None] * len(prompts)
     n_tokens, start = 0, time.perf_counter()
+    longest = 2 * max(map(len, prompts)) + max_new_tokens  # bound on prefix + padding + prompt + generation
+    prefix_cache, prefix_len = shared_prefix(model, prompts, longest, share_prefix)
     with tqdm(total=len(prompts), desc=desc, unit="ex", disable=not progress, dynamic_ncols=True) as bar:
         for lo in range(0, len(order), batch_size):
             chunk = order[lo: lo + batch_size]
-            for i, g in zip(chunk, generate_batch(model, [prompts[i] for i in chunk], max_new_tokens, stop_ids, pad_id)):
+            batch = generate_batch(model, [prompts[i] for i in chunk], max_new_tokens, stop_ids, pad_id, prefix_cache,
+                                   prefix_len)
+            for i, g in zip(chunk, batch):
                 results[i] = g
                 n_tokens += len(g.tokens)
             bar.update(len(chunk))

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from cap_lab.adapters import model_device
 from cap_lab.data import EVALUATION_SPLIT, Example
-from cap_lab.evaluation.generation import left_pad
+from cap_lab.evaluation.generation import prefill_inputs, shared_prefix
 from cap_lab.evaluation.logprobs import base_hidden_states, token_logprobs
 from cap_lab.evaluation.results import EVAL_VERSION, EvalResult, cached_run, describe_model, wilson_interval
 from cap_lab.evaluation.subsets import evaluation_examples, examples_digest
@@ -61,7 +61,7 @@ def loglik_options(example: Example) -> list[tuple[str, str]]:
 
 @torch.inference_mode()
 def continuation_logprobs(model: nn.Module, contexts: list[list[int]], continuations: list[list[int]], *,
-                          pad_id: int = 0, batch_size: int = 16, progress: bool = False) -> list[float]:
+                          pad_id: int = 0, batch_size: int = 32, progress: bool = False) -> list[float]:
     """Summed log p(continuation | context) of each pair, batched with right padding.
 
     Only the hidden states that predict continuation tokens go through the LM head.
@@ -109,12 +109,13 @@ def continuation_logprobs(model: nn.Module, contexts: list[list[int]], continuat
 
 @torch.inference_mode()
 def option_logprobs(model: nn.Module, contexts: list[list[int]], options: list[list[list[int]]], *, pad_id: int = 0,
-                    batch_size: int = 16, progress: bool = False) -> list[list[float]]:
+                    batch_size: int = 32, share_prefix: bool = True, progress: bool = False) -> list[list[float]]:
     """Summed log p(option | context) of every option of every question, each context run once.
 
-    The contexts of a batch of questions are left-padded and run once with the KV cache; the
-    cache is then repeated once per option (``batch_select_indices``) and all options run on
-    top of it, right-padded. The last context position predicts each option's first token.
+    The contexts' common prefix (system prompt, instruction) runs once per call; the rest of
+    each context of a batch of questions is left-padded after it and run once with the KV
+    cache (:func:`cap_lab.evaluation.generation.prefill_inputs`). The cache is then repeated
+    once per option (``batch_select_indices``) and all options run on top of it, right-padded. The last context position predicts each option's first token.
     Equals :func:`continuation_logprobs` on the concatenations (the tests check it), at about
     ``1 / n_options`` of its cost.
 
@@ -124,6 +125,7 @@ def option_logprobs(model: nn.Module, contexts: list[list[int]], options: list[l
         options: for each question, the token ids of each option (at least one token each).
         pad_id: padding id (masked out).
         batch_size: questions per forward.
+        share_prefix: run the contexts' common prefix once.
         progress: progress bar in questions.
 
     Returns:
@@ -137,12 +139,14 @@ def option_logprobs(model: nn.Module, contexts: list[list[int]], options: list[l
     base = getattr(model, model.base_model_prefix)
     order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
     out: list[list[float]] = [[] for _ in contexts]
+    longest = 2 * max(map(len, contexts)) + max(len(o) for opts in options for o in opts)
+    prefix_cache, prefix_len = shared_prefix(model, contexts, longest, share_prefix)
     with tqdm(total=len(contexts), desc="loglik", unit="ex", disable=not progress, dynamic_ncols=True) as bar:
         for lo in range(0, len(order), batch_size):
             chunk = order[lo: lo + batch_size]
-            ids, mask = left_pad([contexts[i] for i in chunk], pad_id, device)  # (b, Tc)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            ctx = base(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+            ids, mask, positions, cache = prefill_inputs([contexts[i] for i in chunk], pad_id, device, prefix_cache,
+                                                         prefix_len)  # ids (b, T), mask (b, P + T)
+            ctx = base(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
             last = ctx.last_hidden_state[:, -1]  # (b, d): predicts every option's first token
             rows = [r for r, i in enumerate(chunk) for _ in options[i]]  # option -> context row
             opts = [o for i in chunk for o in options[i]]
@@ -171,7 +175,7 @@ def option_logprobs(model: nn.Module, contexts: list[list[int]], options: list[l
 
 
 def loglik_accuracy(lm, task: str, *, examples: list[Example] | None = None, limit: int | None = None, seed: int = 0,
-                    data_dir=None, batch_size: int = 16, prompt_style: str = "auto", out_dir=None, force: bool = False,
+                    data_dir=None, batch_size: int = 32, prompt_style: str = "auto", out_dir=None, force: bool = False,
                     progress: bool = True, model_info: dict | None = None) -> EvalResult:
     """Log-likelihood multiple-choice accuracy on ARC-Challenge or StrategyQA (module docstring).
 

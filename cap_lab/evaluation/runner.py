@@ -39,7 +39,7 @@ def parse_tasks(tasks: str | list[str] | tuple[str, ...], mode: str = "cot") -> 
 
 def evaluate(lm, tasks: str | list[str] | tuple[str, ...] = EVAL_TASKS, *, mode: str = "cot", limit: int | None = None,
              seed: int = 0, out_dir: str | os.PathLike | None = None, force: bool = False, data_dir=None,
-             batch_size: int = 16, max_new_tokens: int | None = None, prompt_style: str = "auto",
+             batch_size: int = 32, max_new_tokens: int | None = None, prompt_style: str = "auto",
              ppl_seqlen: int = 2048, ppl_windows: int | None = 100, progress: bool = True) -> dict[str, EvalResult]:
     """Evaluate a loaded model on several tasks.
 
