@@ -38,6 +38,15 @@ def test_fast_equals_reference(arch, data_dir):
     torch.testing.assert_close(fast.scores, ref.scores, atol=1e-5, rtol=0)
 
 
+def test_fast_equals_reference_with_eager_attention(data_dir):
+    lm = tiny_random_model("gemma3", seed=3)  # float masks, sliding-window layers
+    lm.model.set_attn_implementation("eager")
+    calib = varied_calibration(lm, data_dir)
+    ref = score_heads_reference(lm.model, calib, batch_size=4, progress=False)
+    fast = score_heads_fast(lm.model, calib, batch_size=3, max_padding=0.5, progress=False)
+    torch.testing.assert_close(fast.scores, ref.scores, atol=1e-5, rtol=0)
+
+
 def test_one_head_per_pass_and_chunked_logits_change_nothing(data_dir):
     lm = tiny_random_model("gemma3", seed=2, final_logit_softcapping=3.0)  # soft-capped logits too
     calib = varied_calibration(lm, data_dir)
