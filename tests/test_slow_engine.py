@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def test_score_prune_save_reload_on_the_default_model(real_data_dir, tmp_path):
     lm = load_model(DEFAULT_MODEL, device="cpu")
     assert lm.model.dtype == torch.float32
-    calib = build_calibration_set(lm.tokenizer, CalibrationConfig(n_per_task=2, n_subsets=2, max_length=128), real_data_dir)
+    calib = build_calibration_set(lm.tokenizer, CalibrationConfig(n_per_task=2, n_subsets=2, max_length=64), real_data_dir)
     assert calib.style == "chat" and len(calib.items) == 6
     dense = {k: v.clone() for k, v in lm.model.state_dict().items()}
     scores = head_scores(lm, calib, progress=False)
