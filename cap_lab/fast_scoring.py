@@ -229,7 +229,9 @@ def score_heads_fast(
         max_padding: a chunk's padding stays within this fraction of its real tokens.
         memory_budget: bytes of activations per masked pass (default
             :func:`default_memory_budget`); it sets the heads per pass and the logit rows.
-        checkpoint_dir: folder for per-layer progress; an interrupted run resumes from it.
+        checkpoint_dir: folder for per-layer progress; an interrupted run resumes from it. It
+            must belong to this model's weights (:func:`cap_lab.scoring.head_scores` keys it by
+            the weight fingerprint); the calibration items and head geometry are checked here.
         progress: show a progress bar over layers.
 
     Returns:

@@ -85,9 +85,11 @@ def calibration_target(example: Example, fmt: TargetFormat = TargetFormat()) -> 
 COT_INSTRUCTIONS = {
     # Chosen on 16 train/validation examples per task (never the test splits): against a
     # shorter "reason step by step, then write the final answer..." wording, these made
-    # SmolLM2-135M-Instruct write more complete chains (answer line present: GSM8K 25% vs 6%,
-    # ARC 6% vs 0%). "One short step per line" makes the line-based step count of
-    # cap_lab.evaluation.chains meaningful.
+    # SmolLM2-135M-Instruct write longer chains (GSM8K 13 vs 5 lines) with the answer line
+    # more often (GSM8K 25% vs 6%). On 100 test examples per task neither wording gets a
+    # strict answer line from that model more than 1 time in 100 (it is too small to follow
+    # the format); larger instruction-tuned models are the target. "One short step per line"
+    # makes the line-based step count of cap_lab.evaluation.chains meaningful.
     "gsm8k": (
         "Solve the math problem below. Explain your reasoning step by step, one short step per "
         "line. Then end your reply with a line that says exactly \"Answer: <number>\", for "

@@ -52,7 +52,8 @@ class HeadScores:
 
     Attributes:
         scores: (L, H) causal scores (Eq. 2); higher means masking hurts more.
-        masked_losses: (K, L, H) mean target loss of each subset with each head masked.
+        masked_losses: (K, L, H) mean target loss of each subset with each head masked
+            (for ``attribution``: the intact loss plus the first-order estimate of the change).
         intact_losses: (K,) mean target loss of each subset, nothing masked.
         aggregate: ``median`` or ``mean`` over subsets.
         settings: model identity, calibration config, method and versions.

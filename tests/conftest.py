@@ -26,6 +26,15 @@ def isolated_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models are overhead-bound: one torch thread is faster and immune to a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny():
     return tiny_random_model("llama", seed=0)
 

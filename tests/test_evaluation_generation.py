@@ -9,13 +9,7 @@ INSTRUCTION = "Answer briefly.\nQ: "  # a shared prefix, as the system prompt an
 TEXTS = [INSTRUCTION + q for q in ("Hi", "What is two plus three?", "x" * 37, "Why?")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are overhead-bound: one thread is faster and immune to a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
 def _prompts(tokenizer):

@@ -12,12 +12,7 @@ from cap_lab.evaluation.perplexity import perplexity_from_nll, token_windows, to
 from cap_lab.models import tiny_random_model, tiny_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
 def unigram_model(preferred: dict[str, float], seed: int = 0):
