@@ -153,7 +153,7 @@ PROFILES: dict[str, Profile] = {
             name="ci",
             models=(DEFAULT_MODEL,),
             calibration=CalibrationConfig(n_per_task=2, n_subsets=2, max_length=64),
-            score_method="attribution",  # exact masking needs ~135 passes: ~15 min here under load
+            score_method="attribution",  # exact: ~0.7 s per calibration token here, x2 seeds: ~9 min
             compare_scoring=(),
             sparsities=(0.5,),
             eval=EvalSettings(cot_tasks=("gsm8k",), loglik_limit=2, cot_limit=1, cot_max_new_tokens=8, ppl_seqlen=128,
@@ -165,11 +165,13 @@ PROFILES: dict[str, Profile] = {
         Profile(
             name="cpu",
             models=(DEFAULT_MODEL, "gemma3-270m"),
-            calibration=CalibrationConfig(n_per_task=3, n_subsets=3, max_length=96),
+            # exact scoring costs ~0.7 s (smollm2) / ~0.4 s (gemma3) per calibration token here,
+            # twice (notebook 02 scores a second seed): 64-token items keep it near 20 minutes
+            calibration=CalibrationConfig(n_per_task=3, n_subsets=3, max_length=64),
             score_method="exact",
             sparsities=(0.2, 0.5),
-            eval=EvalSettings(cot_tasks=("gsm8k",), loglik_limit=25, cot_limit=5, cot_max_new_tokens=96, ppl_seqlen=256,
-                              ppl_windows=2, batch_size=8),
+            eval=EvalSettings(cot_tasks=("gsm8k",), loglik_limit=40, cot_limit=8, cot_max_new_tokens=96, ppl_seqlen=512,
+                              ppl_windows=4, batch_size=8),
             figures_dir="figures",
             description="laptop-class CPU: default model + gemma3-270m, < 45 min for notebooks 01-04",
         ),
