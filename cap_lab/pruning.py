@@ -27,7 +27,9 @@ Baselines, on the same calibration inputs and the same linear layers:
   calibration batch: dense to collect its statistics, pruned to feed the next layer);
 * ``magnitude``: ``|W|`` with one global threshold (``magnitude_scope="global"``) or the same
   sparsity in every matrix (``"layer"``);
-* ``random``: a seeded random choice of the same fraction of each matrix.
+* ``random``: a seeded random choice of the same fraction of each matrix; weights that are
+  already zero (a de-quantized checkpoint has some) are chosen first, so the achieved
+  sparsity is the target, not the target plus the checkpoint's own zeros.
 
 :func:`apply_pruning_masks` is the only function in cap_lab that changes a model's weights.
 """
@@ -246,7 +248,8 @@ def per_matrix_masks(score_fn: ScoreFn, targets: list[Target], sparsity: float) 
 def random_score_fn(seed: int) -> ScoreFn:
     def fn(layer: int, name: str, w: torch.Tensor) -> torch.Tensor:
         g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{layer}:{name}".encode()))
-        return torch.rand(w.shape, generator=g).to(w.device)
+        draw = torch.rand(w.shape, generator=g).to(w.device)  # in [0, 1)
+        return torch.where(w == 0, -1.0, draw)  # existing zeros first
 
     return fn
 
