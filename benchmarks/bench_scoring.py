@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cap_lab.adapters import ModelLayout, get_layout
-from cap_lab.attribution import score_heads_attribution
+from cap_lab.modeling import ModelLayout, get_layout
+from cap_lab.scoring.attribution import score_heads_attribution
 from cap_lab.calibration import CalibrationConfig, CalibrationSet, build_calibration_set
-from cap_lab.fast_scoring import plan_chunks, score_heads_fast
+from cap_lab.scoring.exact import plan_chunks, score_heads_exact
 from cap_lab.models import DEFAULT_MODEL, load_model
 from cap_lab.scoring import compare_scores, score_heads_reference
 
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():  # warm-up: first-call allocations and kernel selection
         model(input_ids=torch.tensor([calib.items[0].input_ids]))
     ref, t_ref = timed("reference", lambda: score_heads_reference(model, calib, batch_size=args.batch_size, progress=False))
-    fast, t_fast = timed("exact", lambda: score_heads_fast(model, calib, batch_size=args.batch_size, progress=False))
+    fast, t_fast = timed("exact", lambda: score_heads_exact(model, calib, batch_size=args.batch_size, progress=False))
     attr, t_attr = timed("attribution", lambda: score_heads_attribution(model, calib, batch_size=args.batch_size,
                                                                         progress=False))
     assert fast.settings["padded_tokens"] == counts["exact"]["padded"], (fast.settings, counts["exact"])

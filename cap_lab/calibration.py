@@ -17,6 +17,7 @@ other aggregations need no new forward pass.
 """
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
@@ -128,6 +129,17 @@ class CalibrationSet:
     @property
     def n_target_tokens(self) -> int:
         return sum(it.n_target for it in self.items)
+
+    def token_digest(self) -> str:
+        """SHA-256 of every item's subset, target start and token ids, in order.
+
+        Two sets with the same digest feed a model exactly the same tokens and losses; a
+        changed chat template or tokenizer changes it even when every setting is equal.
+        """
+        h = hashlib.sha256()
+        for it in self.items:
+            h.update(f"{it.subset}:{it.target_start}:{','.join(map(str, it.input_ids))};".encode())
+        return h.hexdigest()
 
     def batches(self, indices: list[int], batch_size: int, device="cpu") -> Iterator[Batch]:
         """Batches of the given items, sorted by length (less padding), right-padded."""

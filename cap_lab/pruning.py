@@ -23,7 +23,7 @@ Baselines, on the same calibration inputs and the same linear layers:
   tokens, pruned per output row at the target sparsity (the lowest ``int(in * s)`` of each row,
   stable sort), layer by layer with each layer's inputs taken from the already pruned earlier
   layers, as locuslab/wanda does (one intact pass captures the inputs of layer 0 and each
-  layer's call arguments, :mod:`cap_lab.decoder_replay`; then each layer runs twice per
+  layer's call arguments, :mod:`cap_lab.modeling.replay`; then each layer runs twice per
   calibration batch: dense to collect its statistics, pruned to feed the next layer);
 * ``magnitude``: ``|W|`` with one global threshold (``magnitude_scope="global"``) or the same
   sparsity in every matrix (``"layer"``);
@@ -37,16 +37,16 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Iterable
 
 import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cap_lab.adapters import ATTENTION_PROJECTIONS, ModelLayout, get_layout, model_device
 from cap_lab.calibration import CalibrationSet
-from cap_lab.hooks import capture_inputs
+from cap_lab.modeling import ModelLayout, call_layer, capture, capture_inputs, get_layout, model_device
+from cap_lab.selection import ScoreFn, global_threshold, per_matrix_masks, threshold_masks
 
 PRUNE_METHODS = ("cap", "wanda", "magnitude", "random")
 KV_REDUCE = ("mean", "max")
@@ -89,8 +89,16 @@ class PruneConfig:
 
 # ------------------------------------------------------------------ CAP scores (pure)
 def importance_factors(scores: torch.Tensor) -> torch.Tensor:
-    """Eq. 3: (L, H) causal scores -> (L, H) factors in [1, 10] (all 1 if scores are equal)."""
+    """Eq. 3: (L, H) causal scores -> (L, H) factors in [1, 10] (all 1 if scores are equal).
+
+    Raises:
+        ValueError: a score is NaN or infinite (it would silently void or distort every factor).
+    """
     s = scores.double()
+    bad = (~torch.isfinite(s)).nonzero().tolist()
+    if bad:
+        where = ", ".join(f"L{l}H{h}={float(s[l, h])}" for l, h in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        raise ValueError(f"{len(bad)} head score(s) are NaN or infinite ({where}); scores must be finite")
     lo, hi = s.min(), s.max()
     if hi == lo:
         return torch.ones_like(s, dtype=torch.float32)
@@ -133,9 +141,6 @@ def region_factors(factors: torch.Tensor, layout: ModelLayout, kv_reduce: str = 
     return out
 
 
-ScoreFn = Callable[[int, str, torch.Tensor], torch.Tensor]
-
-
 def cap_score_fn(head_scores: torch.Tensor, layout: ModelLayout, kv_reduce: str = "mean") -> ScoreFn:
     """Eq. 4 as a function ``(layer, projection, W) -> |W| * I`` (float32, W's shape)."""
     regions = region_factors(importance_factors(head_scores), layout, kv_reduce)
@@ -144,105 +149,6 @@ def cap_score_fn(head_scores: torch.Tensor, layout: ModelLayout, kv_reduce: str 
 
 def magnitude_score_fn(layer: int, name: str, w: torch.Tensor) -> torch.Tensor:
     return w.detach().abs().float()
-
-
-# ------------------------------------------------------------------ selection (pure)
-Target = tuple[int, str, nn.Linear]
-
-
-def _count_below(score_fn: ScoreFn, targets: list[Target], t: float) -> int:
-    return sum(int((score_fn(l, n, m.weight) < t).sum()) for l, n, m in targets)
-
-
-def _bisect_threshold(score_fn: ScoreFn, targets: list[Target], want: int, slack: int,
-                      max_iter: int = 100) -> tuple[float, float, int]:
-    """Plain bisection on the threshold (one counting pass per step); the fallback."""
-    hi = max(float(score_fn(l, n, m.weight).max()) for l, n, m in targets)
-    hi = hi * (1 + 1e-6) + 1e-30
-    lo, n_lo = 0.0, _count_below(score_fn, targets, 0.0)
-    for _ in range(max_iter):
-        if abs(n_lo - want) <= slack:
-            return lo, lo, 0
-        mid = (lo + hi) / 2
-        if mid in (lo, hi):
-            break
-        n_mid = _count_below(score_fn, targets, mid)
-        if n_mid <= want:
-            lo, n_lo = mid, n_mid
-        else:
-            hi = mid
-    return lo, hi, max(0, want - n_lo)
-
-
-def global_threshold(score_fn: ScoreFn, targets: list[Target], sparsity: float, tolerance: float = 1e-4,
-                     sample_size: int = 1 << 20, seed: int = 0) -> tuple[float, float, int]:
-    """The global threshold that prunes exactly ``round(sparsity * total)`` weights.
-
-    A search over the threshold, done in two counting passes rather than one per bisection
-    step: (1) a uniform sample of the scores brackets the target quantile with a margin of
-    many standard errors; (2) one pass counts the scores below the bracket and collects those
-    inside it, whose exact order statistic is the threshold. Should the bracket miss (it is
-    astronomically unlikely), plain bisection takes over. No tensor of all scores is built.
-
-    Returns:
-        ``(lo, hi, extra)``: prune every weight with score < ``lo``, plus the first ``extra``
-        weights (parameter order) with ``lo <= score < hi``; ``extra`` is non-zero only where
-        scores tie at the threshold. The count is exact, so the achieved sparsity is within
-        ``tolerance`` (and 1/total) of the target.
-    """
-    total = sum(m.weight.numel() for _, _, m in targets)
-    want = round(sparsity * total)
-    if want == 0:
-        return 0.0, 0.0, 0
-    g = torch.Generator().manual_seed(seed)
-    sample = []
-    for l, n, m in targets:
-        k = max(1, round(sample_size * m.weight.numel() / total))
-        idx = torch.randint(m.weight.numel(), (k,), generator=g).to(m.weight.device)
-        sample.append(score_fn(l, n, m.weight).flatten()[idx].float().cpu())
-    sample = torch.sort(torch.cat(sample)).values
-    q = want / total
-    margin = 8.0 * (q * (1 - q) / sample.numel()) ** 0.5 + 2.0 / sample.numel()
-    lo_i, hi_i = int((q - margin) * sample.numel()), int((q + margin) * sample.numel()) + 1
-    lo_t = float(sample[lo_i]) if lo_i > 0 else float("-inf")
-    hi_t = float(sample[hi_i]) if hi_i < sample.numel() else float("inf")
-    below, band = 0, []
-    for l, n, m in targets:
-        score = score_fn(l, n, m.weight)
-        below += int((score < lo_t).sum())
-        band.append(score[(score >= lo_t) & (score < hi_t)].float().cpu())
-    band = torch.cat(band)
-    rank = want - below  # how many of the band's smallest to prune
-    if not 0 <= rank <= band.numel():
-        return _bisect_threshold(score_fn, targets, want, int(tolerance * total * 0.5))
-    if rank == 0:
-        return lo_t, lo_t, 0
-    value = float(torch.kthvalue(band, rank).values)
-    strictly_below = below + int((band < value).sum())
-    return value, float(torch.nextafter(torch.tensor(value), torch.tensor(float("inf")))), want - strictly_below
-
-
-def threshold_masks(score_fn: ScoreFn, targets: list[Target], lo: float, hi: float, extra: int) -> Iterator[tuple[nn.Linear, torch.Tensor]]:
-    """Boolean prune masks of a :func:`global_threshold` result, one matrix at a time."""
-    for l, n, m in targets:
-        score = score_fn(l, n, m.weight)
-        mask = score < lo
-        if extra > 0:
-            tied = ((score >= lo) & (score < hi)).flatten().nonzero().squeeze(1)[:extra]
-            mask.view(-1)[tied] = True
-            extra -= tied.numel()
-        yield m, mask
-
-
-def per_matrix_masks(score_fn: ScoreFn, targets: list[Target], sparsity: float) -> Iterator[tuple[nn.Linear, torch.Tensor]]:
-    """Prune the lowest ``round(sparsity * numel)`` scores of every matrix."""
-    for l, n, m in targets:
-        score = score_fn(l, n, m.weight).flatten()
-        k = round(sparsity * score.numel())
-        mask = torch.zeros_like(score, dtype=torch.bool)
-        if k:
-            mask[torch.sort(score, stable=True).indices[:k]] = True
-        yield m, mask.view_as(m.weight)
 
 
 def random_score_fn(seed: int) -> ScoreFn:
@@ -276,12 +182,10 @@ def wanda_prune_sequential(model: nn.Module, layout: ModelLayout, calib: Calibra
     tokens (Wanda's running mean differs by a constant factor, which leaves every row's
     order unchanged), taken with layers 0..l-1 already pruned.
     """
-    from cap_lab.decoder_replay import call_layer, intact_pass
-
     device = model_device(model)
     states = []  # per batch: [hidden (B, S, d) entering the current layer, layer kwargs, attention mask (B, S)]
     for batch in calib.batches(list(range(len(calib.items))), batch_size, device):
-        captured = intact_pass(model, layout, batch, start=0)
+        captured = capture(model, layout, batch.input_ids, batch.attention_mask, start=0)
         states.append([captured.hidden, captured.layer_kwargs, batch.attention_mask])
     layers = layout.layers(model)
     selected = 0

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from cap_lab import cache
-from cap_lab.adapters import get_layout
+from cap_lab.modeling import get_layout
 from cap_lab.calibration import CalibrationSet, build_calibration_set
 from cap_lab.config import Profile, get_profile, load_profile_model
 from cap_lab.models import LoadedModel

@@ -7,7 +7,6 @@ from torch import nn
 
 from cap_lab.data import Example
 from cap_lab.evaluation.loglik import continuation_logprobs, loglik_accuracy, option_logprobs
-from cap_lab.evaluation.logprobs import base_hidden_states, logits_from_hidden, token_logprobs
 from cap_lab.evaluation.perplexity import perplexity_from_nll, token_windows, tokenize_corpus, wikitext2_perplexity
 from cap_lab.models import tiny_random_model, tiny_tokenizer
 
@@ -84,19 +83,6 @@ def test_perplexity_interval_needs_two_windows():
     assert math.isclose(value, math.e) and low is None and high is None
     value, low, high = perplexity_from_nll(torch.tensor([10.0, 20.0]), 10)
     assert low < value < high
-
-
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_head_on_hidden_states_equals_the_forward_logits(arch):
-    lm = tiny_random_model(arch, seed=5)
-    ids = torch.tensor([lm.tokenizer("Which gas do plants take in?")["input_ids"]])
-    with torch.inference_mode():
-        reference = lm.model(input_ids=ids).logits[0]  # (T, V)
-        logits = logits_from_hidden(lm.model, base_hidden_states(lm.model, ids)[0])
-        logp = token_logprobs(lm.model, base_hidden_states(lm.model, ids)[0, :-1], ids[0, 1:], chunk_size=7)
-    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
-    expected = torch.log_softmax(reference[:-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
-    torch.testing.assert_close(logp, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_continuation_logprobs_are_exact_and_independent_of_batching():

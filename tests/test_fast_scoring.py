@@ -4,14 +4,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from cap_lab import fast_scoring
-from cap_lab.adapters import get_layout
 from cap_lab.calibration import CalibrationConfig, build_calibration_set
-from cap_lab.decoder_replay import TargetTokens, check_layer_call, check_layer_signature, target_loss_sums
-from cap_lab.fast_scoring import head_groups, heads_per_pass, plan_chunks, score_heads_fast
-from cap_lab.losses import target_loss_sums as full_logit_loss_sums
+from cap_lab.modeling import get_layout
 from cap_lab.models import TINY_ARCHS, tiny_random_model
-from cap_lab.scoring import head_scores, progress_dir, score_heads_reference
+from cap_lab.scoring import exact, head_scores, progress_dir, score_heads_reference, score_payload
+from cap_lab.scoring.exact import head_groups, heads_per_pass, plan_chunks, score_heads_exact
 
 from conftest import same_state, state_copy
 
@@ -31,7 +28,7 @@ def test_fast_equals_reference(arch, data_dir):
     lm = tiny_random_model(arch, seed=1)
     calib = varied_calibration(lm, data_dir)
     ref = score_heads_reference(lm.model, calib, batch_size=4, progress=False)
-    fast = score_heads_fast(lm.model, calib, batch_size=3, max_padding=0.5, progress=False)
+    fast = score_heads_exact(lm.model, calib, batch_size=3, max_padding=0.5, progress=False)
     assert fast.settings["chunks"] > 1 and fast.settings["padded_tokens"] > sum(LENGTHS)  # padding exercised
     torch.testing.assert_close(fast.intact_losses, ref.intact_losses, atol=1e-5, rtol=0)
     torch.testing.assert_close(fast.masked_losses, ref.masked_losses, atol=1e-5, rtol=0)
@@ -43,7 +40,7 @@ def test_fast_equals_reference_with_eager_attention(data_dir):
     lm.model.set_attn_implementation("eager")
     calib = varied_calibration(lm, data_dir)
     ref = score_heads_reference(lm.model, calib, batch_size=4, progress=False)
-    fast = score_heads_fast(lm.model, calib, batch_size=3, max_padding=0.5, progress=False)
+    fast = score_heads_exact(lm.model, calib, batch_size=3, max_padding=0.5, progress=False)
     torch.testing.assert_close(fast.scores, ref.scores, atol=1e-5, rtol=0)
 
 
@@ -51,29 +48,9 @@ def test_one_head_per_pass_and_chunked_logits_change_nothing(data_dir):
     lm = tiny_random_model("gemma3", seed=2, final_logit_softcapping=3.0)  # soft-capped logits too
     calib = varied_calibration(lm, data_dir)
     ref = score_heads_reference(lm.model, calib, batch_size=6, progress=False)
-    tight = score_heads_fast(lm.model, calib, batch_size=3, max_padding=0.5, memory_budget=1, progress=False)
+    tight = score_heads_exact(lm.model, calib, batch_size=3, max_padding=0.5, memory_budget=1, progress=False)
     assert tight.settings["heads_per_pass"] == [1, 1]  # and one logit row at a time
     torch.testing.assert_close(tight.scores, ref.scores, atol=1e-5, rtol=0)
-
-
-def test_target_only_logits_equal_full_logits(data_dir):
-    lm = tiny_random_model("gemma3", seed=0, final_logit_softcapping=2.0)
-    calib = varied_calibration(lm, data_dir)
-    batch = next(calib.batches(list(range(6)), 6))
-    layout = get_layout(lm.model)
-    with torch.no_grad():
-        out = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        want, _ = full_logit_loss_sums(out.logits, batch.labels)
-        pre_norm = {}
-        handle = layout.final_norm(lm.model).register_forward_pre_hook(lambda m, a: pre_norm.setdefault("x", a[0]))
-        try:
-            lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        finally:
-            handle.remove()
-        stacked = pre_norm["x"].repeat(2, 1, 1)  # two copies of the batch
-        got = target_loss_sums(lm.model, layout, stacked, TargetTokens.of(batch), 6, max_logit_rows=7)
-    assert got.shape == (2, 6)
-    torch.testing.assert_close(got, torch.stack([want, want]), atol=1e-4, rtol=1e-6)
 
 
 def test_plan_chunks_sorts_and_bounds_padding():
@@ -96,7 +73,7 @@ def test_head_groups_and_budget():
 def test_scoring_leaves_weights_and_hooks_untouched(tiny, data_dir):
     calib = varied_calibration(tiny, data_dir)
     before = state_copy(tiny.model)
-    score_heads_fast(tiny.model, calib, progress=False)
+    score_heads_exact(tiny.model, calib, progress=False)
     assert same_state(before, state_copy(tiny.model))
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in tiny.model.modules())
 
@@ -107,8 +84,8 @@ class _Interrupt(Exception):
 
 def test_interrupted_run_resumes_from_the_last_finished_layer(tiny, data_dir, monkeypatch):
     calib = varied_calibration(tiny, data_dir)
-    whole = score_heads_fast(tiny.model, calib, progress=False)
-    real, scored = fast_scoring._score_layer, []
+    whole = score_heads_exact(tiny.model, calib, progress=False)
+    real, scored = exact._score_layer, []
 
     def failing(model, layout, layer, *args):
         if layer == 2:
@@ -116,21 +93,19 @@ def test_interrupted_run_resumes_from_the_last_finished_layer(tiny, data_dir, mo
         scored.append(layer)
         return real(model, layout, layer, *args)
 
-    monkeypatch.setattr(fast_scoring, "_score_layer", failing)
+    monkeypatch.setattr(exact, "_score_layer", failing)
     with pytest.raises(_Interrupt):
         head_scores(tiny, calib, progress=False)
-    payload = {"model": tiny.identity(), "calibration": calib.config.to_dict(), "style": calib.style,
-               "method": "exact", "scoring_version": "1"}
-    folder = progress_dir(payload)
+    folder = progress_dir(score_payload(tiny.identity(), calib, "exact"))
     assert sorted(p.name for p in folder.glob("layer_*")) == ["layer_0000.safetensors", "layer_0001.safetensors"]
-    assert not list(folder.glob(".tmp-*"))  # atomic writes leave no temporaries
+    assert not list(folder.glob(".*.tmp"))  # atomic writes leave no temporaries
 
     def counting(model, layout, layer, *args):
         scored.append(layer)
         return real(model, layout, layer, *args)
 
     scored.clear()
-    monkeypatch.setattr(fast_scoring, "_score_layer", counting)
+    monkeypatch.setattr(exact, "_score_layer", counting)
     resumed = head_scores(tiny, calib, progress=False)
     assert scored == [2]  # layers 0 and 1 came from disk
     assert resumed.settings["resumed_from_layer"] == 2
@@ -142,29 +117,8 @@ def test_interrupted_run_resumes_from_the_last_finished_layer(tiny, data_dir, mo
 def test_progress_of_another_run_is_not_trusted(tiny, data_dir, tmp_path):
     calib = varied_calibration(tiny, data_dir)
     layout = get_layout(tiny.model)
-    other = fast_scoring.LayerCheckpoints(tmp_path / "p", {"something": "else"})
+    other = exact.LayerCheckpoints(tmp_path / "p", {"something": "else"})
     other.save(0, torch.full((layout.num_heads, len(calib.items)), 123.0, dtype=torch.float64))
-    got = score_heads_fast(tiny.model, calib, checkpoint_dir=tmp_path / "p", progress=False)
+    got = score_heads_exact(tiny.model, calib, checkpoint_dir=tmp_path / "p", progress=False)
     assert got.settings["resumed_from_layer"] == 0
-    assert torch.equal(got.scores, score_heads_fast(tiny.model, calib, progress=False).scores)
-
-
-def test_unknown_layer_signature_fails_loudly(tiny):
-    import transformers
-
-    layer = get_layout(tiny.model).layers(tiny.model)[0]
-    check_layer_signature(layer)  # the installed one is known
-
-    class FutureLayer(torch.nn.Module):
-        def forward(self, hidden_states, attention_mask=None, shared_kv_states=None, **kwargs):
-            return hidden_states
-
-    with pytest.raises(RuntimeError, match=f"transformers {transformers.__version__}.*shared_kv_states"):
-        check_layer_signature(FutureLayer())
-    x = torch.zeros(1, 3, 8)
-    with pytest.raises(RuntimeError, match="unknown keyword arguments \\['shared_kv_states'\\]"):
-        check_layer_call(layer, 0, (x,), {"attention_mask": None, "shared_kv_states": 1})
-    with pytest.raises(RuntimeError, match="past_key_values"):
-        check_layer_call(layer, 0, (x,), {"past_key_values": object()})
-    with pytest.raises(RuntimeError, match="attention_mask of type"):
-        check_layer_call(layer, 0, (x,), {"attention_mask": {"full_attention": None}})
+    assert torch.equal(got.scores, score_heads_exact(tiny.model, calib, progress=False).scores)

@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cap_lab.adapters import get_layout
-from cap_lab.attribution import score_heads_attribution
+from cap_lab.modeling import get_layout
+from cap_lab.scoring.attribution import score_heads_attribution
 from cap_lab.calibration import CalibrationConfig, build_calibration_set
 from cap_lab.cli import build_parser
-from cap_lab.hooks import mask_heads
+from cap_lab.modeling import mask_heads
 from cap_lab.pruning import PruneConfig, prune_model
 from cap_lab.scoring import compare_scores, head_scores
 

@@ -3,7 +3,7 @@
 The reference over all 270 heads of the default model takes tens of minutes on a CPU, so the
 comparison runs on 9 heads spread over three layers (first, middle, last): the fast path's
 per-layer step (``masked_loss_sums`` on stacked copies, after advancing the kept hidden states
-through the layers before it, exactly as :func:`score_heads_fast` does) against one masked full
+through the layers before it, exactly as :func:`score_heads_exact` does) against one masked full
 forward each. The benchmark (``benchmarks/bench_scoring.py``) compares all heads.
 """
 import os
@@ -11,14 +11,12 @@ import os
 import pytest
 import torch
 
-from cap_lab import fast_scoring
-from cap_lab.adapters import get_layout, model_device
-from cap_lab.attribution import score_heads_attribution
 from cap_lab.calibration import CalibrationConfig, build_calibration_set, make_batch
-from cap_lab.decoder_replay import TargetTokens, call_layer, intact_pass
-from cap_lab.hooks import mask_heads
+from cap_lab.modeling import TargetTokens, call_layer, capture, get_layout, mask_heads, model_device
 from cap_lab.models import DEFAULT_MODEL, load_model
-from cap_lab.scoring import item_loss_sums
+from cap_lab.scoring import exact
+from cap_lab.scoring.attribution import score_heads_attribution
+from cap_lab.scoring.reference import item_loss_sums
 
 from conftest import same_state, state_copy
 
@@ -44,16 +42,17 @@ def test_fast_per_layer_losses_equal_masked_full_forwards_on_the_default_model(r
     before = state_copy(model)
     n = len(calib.items)
     states = []
-    for chunk in fast_scoring.plan_chunks([len(it.input_ids) for it in calib.items], 8):
+    for chunk in exact.plan_chunks([len(it.input_ids) for it in calib.items], 8):
         batch = make_batch([calib.items[i] for i in chunk], tuple(chunk), calib.pad_token_id, model_device(model))
-        captured = intact_pass(model, layout, batch)
-        states.append(fast_scoring.ChunkState(batch, TargetTokens.of(batch), captured.hidden, captured.layer_kwargs, 3))
+        captured = capture(model, layout, batch.input_ids, batch.attention_mask)
+        states.append(exact.ChunkState(batch, TargetTokens.from_labels(batch.labels), captured.hidden,
+                                       captured.layer_kwargs, 3))
     fast = {}
     for layer in range(layout.num_layers):
         if layer in HEADS:  # what _score_layer does, for the compared heads only
             fast[layer] = torch.zeros(layout.num_heads, n, dtype=torch.float64)
             for state in states:
-                sums = fast_scoring.masked_loss_sums(model, layout, layer, state, list(HEADS[layer]), 4096)  # (3, B)
+                sums = exact.masked_loss_sums(model, layout, layer, state, list(HEADS[layer]), 4096)  # (3, B)
                 fast[layer][torch.tensor(HEADS[layer]).unsqueeze(1), torch.tensor(state.batch.items)] = sums
         for state in states:
             state.hidden = call_layer(layout.layers(model)[layer], state.hidden, state.layer_kwargs[layer])

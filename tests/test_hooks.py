@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from cap_lab.adapters import get_layout
-from cap_lab.hooks import mask_heads
+from cap_lab.modeling import get_layout
+from cap_lab.modeling import mask_heads
 from cap_lab.models import TINY_ARCHS, tiny_random_model
 
 

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from cap_lab.adapters import SUPPORTED_MODEL_TYPES, get_layout
+from cap_lab.modeling import SUPPORTED_MODEL_TYPES, get_layout
 from cap_lab.data import assert_disjoint, calibration_pool, load_task, load_wikitext2_test
 from cap_lab.models import ALIASES, TINY_ARCHS, load_model, materialize_alias, tiny_random_model
 from cap_lab.prompts import TargetFormat, calibration_target

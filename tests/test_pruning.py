@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from cap_lab.adapters import get_layout
+from cap_lab.modeling import get_layout
 from cap_lab.calibration import CalibrationConfig, build_calibration_set
-from cap_lab.hooks import capture_inputs
+from cap_lab.modeling import capture_inputs
 from cap_lab.models import TINY_ARCHS, tiny_random_model
 from cap_lab.pruning import (
     PruneConfig, importance_factors, prune_model, region_factors, sparsity_by, wanda_row_mask,

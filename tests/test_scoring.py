@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from cap_lab import cache
-from cap_lab.adapters import get_layout
+from cap_lab.modeling import get_layout
 from cap_lab.calibration import CalibrationConfig, build_calibration_set
 from cap_lab.scoring import aggregate_scores, head_scores, score_heads_reference
 

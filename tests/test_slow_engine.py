@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from cap_lab.adapters import get_layout
+from cap_lab.modeling import get_layout
 from cap_lab.calibration import CalibrationConfig, build_calibration_set
 from cap_lab.models import DEFAULT_MODEL, load_model
 from cap_lab.pruning import PruneConfig, prune_model

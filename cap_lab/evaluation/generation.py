@@ -25,7 +25,6 @@ the prefix is not shared when a model's window is shorter than the longest padde
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cap_lab.adapters import model_device
+from cap_lab.modeling import lm_forward, model_device, repeat_cache, select_cache
 
 #: share a common prompt prefix only when it is at least this many tokens
 MIN_SHARED_PREFIX = 8
@@ -123,7 +122,7 @@ def shared_prefix(model: nn.Module, prompts: list[list[int]], longest_sequence: 
     if prefix_len < MIN_SHARED_PREFIX or _sliding_window_too_short(model, longest_sequence):
         return None, 0
     ids = torch.tensor([prompts[0][:prefix_len]], device=model_device(model))  # (1, P)
-    return model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values, prefix_len
+    return lm_forward(model, ids, logits_to_keep=1)[1], prefix_len
 
 
 def prefill_inputs(prompts: list[list[int]], pad_id: int, device, prefix_cache=None, prefix_len: int = 0):
@@ -137,8 +136,7 @@ def prefill_inputs(prompts: list[list[int]], pad_id: int, device, prefix_cache=N
     if prefix_cache is None:
         ids, mask = left_pad(prompts, pad_id, device)  # (B, T)
         return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), None
-    cache = copy.deepcopy(prefix_cache)
-    cache.batch_repeat_interleave(batch)  # (B, ...) copies of the prefix
+    cache = repeat_cache(prefix_cache, batch)  # (B, ...) copies of the prefix
     ids, own_mask = left_pad([p[prefix_len:] for p in prompts], pad_id, device)  # (B, T)
     mask = torch.cat([own_mask.new_ones((batch, prefix_len)), own_mask], dim=1)  # (B, P + T)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_len:]  # (B, T)
@@ -155,10 +153,8 @@ def generate_batch(model: nn.Module, prompts: list[list[int]], max_new_tokens: i
     """
     device = model_device(model)
     ids, mask, positions, cache = prefill_inputs(prompts, pad_id, device, prefix_cache, prefix_len)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
-    cache = out.past_key_values
-    next_tokens = out.logits[:, -1].argmax(-1)  # (B,)
+    logits, cache = lm_forward(model, ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1)
+    next_tokens = logits[:, -1].argmax(-1)  # (B,)
     last_pos = positions[:, -1]  # (B,)
     rows = list(range(len(prompts)))  # batch row -> prompt index
     generated: list[list[int]] = [[] for _ in prompts]
@@ -179,14 +175,14 @@ def generate_batch(model: nn.Module, prompts: list[list[int]], max_new_tokens: i
             break
         if len(keep) < len(rows):  # drop finished rows from the batch and the cache
             index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
+            select_cache(cache, index)
             mask, next_tokens, last_pos = mask[index], next_tokens[index], last_pos[index]
             rows = [rows[i] for i in keep]
         mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)  # (b, T + t)
         last_pos = last_pos + 1
-        out = model(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                    past_key_values=cache, use_cache=True)
-        next_tokens = out.logits[:, -1].argmax(-1)  # (b,)
+        logits, cache = lm_forward(model, next_tokens[:, None], attention_mask=mask, position_ids=last_pos[:, None],
+                                   cache=cache)
+        next_tokens = logits[:, -1].argmax(-1)  # (b,)
     return [Generation(tokens=g, stopped=s) for g, s in zip(generated, stopped)]
 
 

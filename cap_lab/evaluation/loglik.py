@@ -29,10 +29,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cap_lab.adapters import model_device
 from cap_lab.data import EVALUATION_SPLIT, Example
 from cap_lab.evaluation.generation import prefill_inputs, shared_prefix
-from cap_lab.evaluation.logprobs import base_hidden_states, token_logprobs
+from cap_lab.modeling import decoder_forward, get_layout, model_device, select_cache, token_logprobs
 from cap_lab.evaluation.results import EVAL_VERSION, EvalResult, cached_run, describe_model, wilson_interval
 from cap_lab.evaluation.subsets import evaluation_examples, examples_digest
 from cap_lab.prompts import encode_continuation, encode_prompt, resolve_style
@@ -81,7 +80,7 @@ def continuation_logprobs(model: nn.Module, contexts: list[list[int]], continuat
         raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
     if any(not c for c in contexts) or any(not c for c in continuations):
         raise ValueError("every context and continuation needs at least one token")
-    device = model_device(model)
+    device, layout = model_device(model), get_layout(model)
     order = sorted(range(len(contexts)), key=lambda i: -(len(contexts[i]) + len(continuations[i])))
     out = [0.0] * len(contexts)
     for lo in tqdm(range(0, len(order), batch_size), desc="loglik", unit="batch", disable=not progress, dynamic_ncols=True):
@@ -98,9 +97,9 @@ def continuation_logprobs(model: nn.Module, contexts: list[list[int]], continuat
             rows += [r] * len(continuations[i])
             positions += list(range(start - 1, len(seq) - 1))
             targets += continuations[i]
-        hidden = base_hidden_states(model, ids.to(device), mask.to(device))  # (b, T, d)
+        hidden, _ = decoder_forward(model, layout, ids.to(device), attention_mask=mask.to(device))  # (b, T, d)
         picked = hidden[torch.tensor(rows, device=device), torch.tensor(positions, device=device)]  # (K, d)
-        logp = token_logprobs(model, picked, torch.tensor(targets, device=device)).cpu()  # (K,)
+        logp = token_logprobs(model, layout, picked, torch.tensor(targets, device=device)).cpu()  # (K,)
         sums = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, torch.tensor(rows), logp.double())
         for r, i in enumerate(chunk):
             out[i] = float(sums[r])
@@ -135,8 +134,7 @@ def option_logprobs(model: nn.Module, contexts: list[list[int]], options: list[l
         raise ValueError(f"{len(contexts)} contexts but {len(options)} option lists")
     if any(not c for c in contexts) or any(not opts or any(not o for o in opts) for opts in options):
         raise ValueError("every context, option list and option needs at least one token")
-    device = model_device(model)
-    base = getattr(model, model.base_model_prefix)
+    device, layout = model_device(model), get_layout(model)
     order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
     out: list[list[float]] = [[] for _ in contexts]
     longest = 2 * max(map(len, contexts)) + max(len(o) for opts in options for o in opts)
@@ -146,13 +144,13 @@ def option_logprobs(model: nn.Module, contexts: list[list[int]], options: list[l
             chunk = order[lo: lo + batch_size]
             ids, mask, positions, cache = prefill_inputs([contexts[i] for i in chunk], pad_id, device, prefix_cache,
                                                          prefix_len)  # ids (b, T), mask (b, P + T)
-            ctx = base(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
-            last = ctx.last_hidden_state[:, -1]  # (b, d): predicts every option's first token
+            ctx, cache = decoder_forward(model, layout, ids, attention_mask=mask, position_ids=positions, cache=cache,
+                                         use_cache=True)  # (b, T, d)
+            last = ctx[:, -1]  # (b, d): predicts every option's first token
             rows = [r for r, i in enumerate(chunk) for _ in options[i]]  # option -> context row
             opts = [o for i in chunk for o in options[i]]
             index = torch.tensor(rows, device=device)
-            cache = ctx.past_key_values
-            cache.batch_select_indices(index)  # (n_opts, ...) rows repeated per option
+            select_cache(cache, index)  # (n_opts, ...) rows repeated per option
             width = max(len(o) for o in opts)
             opt_ids = torch.full((len(opts), width), pad_id, dtype=torch.long)
             opt_mask = torch.zeros((len(opts), width), dtype=torch.long)
@@ -160,11 +158,11 @@ def option_logprobs(model: nn.Module, contexts: list[list[int]], options: list[l
                 opt_ids[k, : len(o)] = torch.tensor(o)
                 opt_mask[k, : len(o)] = 1
             opt_positions = positions[index, -1:] + 1 + torch.arange(width, device=device)  # (n_opts, W)
-            hidden = base(input_ids=opt_ids.to(device), attention_mask=torch.cat([mask[index], opt_mask.to(device)], 1),
-                          position_ids=opt_positions, past_key_values=cache, use_cache=True).last_hidden_state
+            hidden, _ = decoder_forward(model, layout, opt_ids.to(device), position_ids=opt_positions, cache=cache,
+                                        attention_mask=torch.cat([mask[index], opt_mask.to(device)], 1))
             predictors = torch.cat([torch.cat([last[r: r + 1], hidden[k, : len(o) - 1]]) for k, (r, o) in
                                     enumerate(zip(rows, opts))])  # (sum len, d)
-            logp = token_logprobs(model, predictors, torch.tensor([t for o in opts for t in o], device=device)).cpu()
+            logp = token_logprobs(model, layout, predictors, torch.tensor([t for o in opts for t in o], device=device)).cpu()
             sums = torch.split(logp.double(), [len(o) for o in opts])
             k = 0
             for i in chunk:

@@ -11,7 +11,7 @@
    exactly Wanda's ``exp(sum(window_mean_loss * seqlen) / (n_windows * seqlen))``.
 
 Memory: one window at a time through the base model, then the LM head on ``chunk_size``
-positions at a time (:mod:`cap_lab.evaluation.logprobs`), so full-vocabulary logits never
+positions at a time (:mod:`cap_lab.modeling.head`), so full-vocabulary logits never
 exist for more than one chunk of one window. The 95% interval is exp of a normal interval of
 the mean loss over windows (windows are the independent units), reported beside the number.
 """
@@ -27,9 +27,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cap_lab.adapters import model_device
 from cap_lab.data import load_wikitext2_test
-from cap_lab.evaluation.logprobs import base_hidden_states, token_logprobs
+from cap_lab.modeling import decoder_forward, get_layout, model_device, token_logprobs
 from cap_lab.evaluation.results import EVAL_VERSION, EvalResult, cached_run, describe_model
 
 PERPLEXITY_TASK = "wikitext2"
@@ -63,12 +62,12 @@ def token_windows(ids: torch.Tensor, seqlen: int, n_windows: int | None = None) 
 @torch.inference_mode()
 def window_nll(model: nn.Module, windows: torch.Tensor, chunk_size: int = 512, progress: bool = False) -> torch.Tensor:
     """Summed next-token cross-entropy of each window, shape (n,), for windows of shape (n, S)."""
-    device = model_device(model)
+    device, layout = model_device(model), get_layout(model)
     sums = torch.empty(windows.shape[0], dtype=torch.float64)
     for i in tqdm(range(windows.shape[0]), desc="perplexity", unit="win", disable=not progress, dynamic_ncols=True):
         ids = windows[i: i + 1].to(device)  # (1, S)
-        hidden = base_hidden_states(model, ids)[0, :-1]  # (S-1, d): position t predicts t+1
-        sums[i] = -token_logprobs(model, hidden, ids[0, 1:], chunk_size).double().sum().cpu()
+        hidden = decoder_forward(model, layout, ids)[0][0, :-1]  # (S-1, d): position t predicts t+1
+        sums[i] = -token_logprobs(model, layout, hidden, ids[0, 1:], chunk_size).double().sum().cpu()
     return sums
 
 

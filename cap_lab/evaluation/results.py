@@ -46,7 +46,7 @@ class EvalResult:
         settings: everything that determined the result (the run key's payload).
         model: model identity, ``{"name", "fingerprint"}``.
         sparsity: measured fraction of zero weights in the prunable matrices (``None`` if the
-            architecture is not one :mod:`cap_lab.adapters` knows).
+            architecture is not one :mod:`cap_lab.modeling` knows).
         strict_accuracy, flexible_accuracy: CoT only; the paper's metric is the strict one.
         chain_stats: CoT only; :func:`cap_lab.evaluation.chains.summarize_chains`.
         details: metric-specific extras (intervals of secondary metrics, token counts, timing).

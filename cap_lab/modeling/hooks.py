@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from cap_lab.adapters import ModelLayout, get_layout
+from cap_lab.modeling.layout import ModelLayout, get_layout
 
 #: layer index -> mask of shape (H,) (all rows) or (B, H) (one mask per batch row); 1 keeps, 0 masks
 HeadMask = Mapping[int, torch.Tensor]

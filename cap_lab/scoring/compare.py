@@ -1,6 +1,6 @@
 """How much two sets of head scores agree: ranks, top heads, and the pruning they lead to.
 
-Used to check a cheap scorer (attribution patching, :mod:`cap_lab.attribution`) against the
+Used to check a cheap scorer (attribution patching, :mod:`cap_lab.scoring.attribution`) against the
 exact causal scores (paper Sec. 3.2), or two calibration settings against each other. Rank
 agreement alone can hide what matters for CAP, so :func:`compare_scores` also reports the
 fraction of prunable weights that CAP (Sec. 3.3, Eq. 3-4) would prune differently at a given
@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from cap_lab.adapters import get_layout
-from cap_lab.pruning import cap_score_fn, global_threshold, threshold_masks
+from cap_lab.modeling import get_layout
+from cap_lab.pruning import cap_score_fn
+from cap_lab.selection import global_threshold, threshold_masks
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def compare_scores(a, b, model: nn.Module | None = None, *, sparsity: float = 0.
     """Rank and pruning agreement of two head-score sets.
 
     Args:
-        a: :class:`cap_lab.scoring.HeadScores` or an (L, H) tensor (the reference, e.g. exact).
+        a: :class:`cap_lab.scoring.types.HeadScores` or an (L, H) tensor (the reference, e.g. exact).
         b: the same for the other scorer.
         model: the model the scores belong to, for the pruning comparison (only read).
         sparsity: target sparsity of the pruning comparison (paper: 20% is the mildest level).

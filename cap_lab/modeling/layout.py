@@ -1,4 +1,4 @@
-"""Architecture adapter: where each model family keeps its attention and MLP weights.
+"""Architecture adapter (the layout half of :mod:`cap_lab.modeling`): where each model family keeps its attention and MLP weights.
 
 CAP needs four facts about a decoder-only transformer: the list of decoder layers, the
 attention projections (``q_proj``/``k_proj``/``v_proj`` whose rows and ``o_proj`` whose
@@ -25,6 +25,7 @@ MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 class ArchSpec:
     """Attribute paths of one model family (dotted, relative to the ``*ForCausalLM`` module)."""
 
+    decoder: str = "model"
     layers: str = "model.layers"
     attention: str = "self_attn"
     mlp: str = "mlp"
@@ -82,6 +83,10 @@ class ModelLayout:
     def kv_head_of(self, head: int) -> int:
         """The key/value head that query head ``head`` reads (transformers' ``repeat_kv`` order)."""
         return head // self.group_size
+
+    def decoder(self, model: nn.Module) -> nn.Module:
+        """The base decoder (embeddings, layers, final norm; no LM head)."""
+        return _get(model, self.spec.decoder)
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return _get(model, self.spec.layers)

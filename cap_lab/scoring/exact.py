@@ -1,15 +1,15 @@
 """Fast exact causal head scores (paper Sec. 3.2, Eq. 1-2), resumable per layer.
 
-Computes what :func:`cap_lab.scoring.score_heads_reference` computes (one masked pass over the
+Computes what :func:`cap_lab.scoring.reference.score_heads_reference` computes (one masked pass over the
 calibration set per head) without doing its redundant work:
 
 * **Prefix reuse.** Masking head (l, h) leaves layers 0..l-1 unchanged. One intact forward per
   chunk of calibration items captures the hidden states entering layer 0 and the arguments the
-  model gives each decoder layer (:mod:`cap_lab.decoder_replay`); heads of layer l then run only
+  model gives each decoder layer (:mod:`cap_lab.modeling.replay`); heads of layer l then run only
   layers l..L-1, and the hidden states are advanced to layer l+1 by one intact call of layer l.
   Only one layer's hidden states per chunk are kept (tokens x hidden floats in all).
 * **Head batching.** Heads of one layer are scored together: the chunk is stacked n times and
-  block k of rows masks head k (per-row masks of :func:`cap_lab.hooks.mask_heads`). n is the
+  block k of rows masks head k (per-row masks of :func:`cap_lab.modeling.mask_heads`). n is the
   largest that keeps one pass's activations within ``memory_budget`` bytes
   (:func:`heads_per_pass`).
 * **Target-only logits.** Final norm and ``lm_head`` run at target positions only.
@@ -17,16 +17,14 @@ calibration set per head) without doing its redundant work:
   below ``max_padding`` of their real tokens; the intact loss comes from the capture pass.
 
 Per-layer progress (the per-item loss sums of every head of each finished layer) is written to
-``checkpoint_dir`` atomically (safetensors + JSON, no pickle); a run that stops midway resumes
+``checkpoint_dir`` atomically (:mod:`cap_lab.io`; safetensors + JSON, no pickle); a run that stops midway resumes
 after the last finished layer with identical results.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,11 +32,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cap_lab.adapters import ModelLayout, get_layout, model_device
 from cap_lab.calibration import Batch, CalibrationSet, make_batch
-from cap_lab.decoder_replay import TargetTokens, call_layer, intact_pass, repeat_layer_kwargs, run_layers, target_loss_sums
-from cap_lab.hooks import mask_heads
-from cap_lab.scoring import AGGREGATES, HeadScores, aggregate_scores, subset_mean_losses
+from cap_lab.io import atomic_write, atomic_write_text
+from cap_lab.modeling import (
+    ModelLayout, TargetTokens, call_layer, capture, get_layout, mask_heads, model_device, run_layers, target_loss_sums,
+)
+from cap_lab.scoring.types import HeadScores, aggregate_scores, check_aggregate, subset_mean_losses
 
 CPU_MEMORY_BUDGET = 1 << 30  # bytes of activations per masked pass on CPU
 CUDA_MEMORY_FRACTION = 0.5  # of the free device memory
@@ -115,16 +114,6 @@ class LayerCheckpoints:
     def _file(self, layer: int) -> Path:
         return self.folder / f"layer_{layer:04d}.safetensors"
 
-    def _write(self, path: Path, write) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.folder)
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
     def finished(self) -> dict[int, torch.Tensor]:
         """``{layer: (H, N) float64 loss sums}`` for the finished layers 0..m-1 (contiguous)."""
         from safetensors.torch import load_file
@@ -150,8 +139,8 @@ class LayerCheckpoints:
 
         self.folder.mkdir(parents=True, exist_ok=True)
         if not (self.folder / "progress.json").exists():
-            self._write(self.folder / "progress.json", lambda p: Path(p).write_text(json.dumps(self.signature)))
-        self._write(self._file(layer), lambda p: save_file({"loss_sums": loss_sums.contiguous()}, p))
+            atomic_write_text(self.folder / "progress.json", json.dumps(self.signature))
+        atomic_write(self._file(layer), lambda p: save_file({"loss_sums": loss_sums.contiguous()}, str(p)))
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -159,11 +148,8 @@ class LayerCheckpoints:
 
 def run_signature(calib: CalibrationSet, layout: ModelLayout) -> dict:
     """What per-layer progress must match: geometry and the exact token ids of every item."""
-    h = hashlib.sha256()
-    for it in calib.items:
-        h.update(f"{it.subset}:{it.target_start}:{','.join(map(str, it.input_ids))};".encode())
     return {"method": "exact", "num_layers": layout.num_layers, "num_heads": layout.num_heads,
-            "n_items": len(calib.items), "items_sha256": h.hexdigest()}
+            "n_items": len(calib.items), "items_sha256": calib.token_digest()}
 
 
 # ------------------------------------------------------------------ scoring
@@ -193,11 +179,9 @@ def masked_loss_sums(model: nn.Module, layout: ModelLayout, layer: int, state: C
     mask = torch.ones(n, layout.num_heads)
     mask[torch.arange(n), torch.tensor(heads)] = 0.0
     row_mask = mask.repeat_interleave(rows, dim=0)  # (n * B, H): block k masks heads[k]
-    memo: dict[int, torch.Tensor] = {}
-    kwargs = [repeat_layer_kwargs(kw, rows, n, memo) if i >= layer else None for i, kw in enumerate(state.layer_kwargs)]
     hidden = state.hidden.repeat(n, 1, 1)  # (n * B, S, d)
     with mask_heads(model, {layer: row_mask}, layout):
-        final = run_layers(layout, model, hidden, kwargs, layer)
+        final = run_layers(model, layout, hidden, layer, layout.num_layers, state.layer_kwargs, batch_rows=rows)
     return target_loss_sums(model, layout, final, state.targets, rows, max_logit_rows)
 
 
@@ -214,7 +198,7 @@ def _score_layer(model: nn.Module, layout: ModelLayout, layer: int, states: list
 
 
 @torch.inference_mode()
-def score_heads_fast(
+def score_heads_exact(
     model: nn.Module, calib: CalibrationSet, *, aggregate: str = "median", batch_size: int = 8,
     max_padding: float = 0.02, memory_budget: int | None = None, checkpoint_dir: str | os.PathLike | None = None,
     progress: bool = True,
@@ -230,16 +214,15 @@ def score_heads_fast(
         memory_budget: bytes of activations per masked pass (default
             :func:`default_memory_budget`); it sets the heads per pass and the logit rows.
         checkpoint_dir: folder for per-layer progress; an interrupted run resumes from it. It
-            must belong to this model's weights (:func:`cap_lab.scoring.head_scores` keys it by
+            must belong to this model's weights (:func:`cap_lab.scoring.api.head_scores` keys it by
             the weight fingerprint); the calibration items and head geometry are checked here.
         progress: show a progress bar over layers.
 
     Returns:
-        :class:`cap_lab.scoring.HeadScores`, equal to the reference scorer's up to float
+        :class:`cap_lab.scoring.types.HeadScores`, equal to the reference scorer's up to float
         rounding; ``settings`` records the chunking.
     """
-    if aggregate not in AGGREGATES:
-        raise ValueError(f"aggregate={aggregate!r}; allowed: {', '.join(AGGREGATES)}")
+    check_aggregate(aggregate)
     layout = get_layout(model)
     device = model_device(model)
     budget = int(memory_budget) if memory_budget is not None else default_memory_budget(device)
@@ -260,8 +243,8 @@ def score_heads_fast(
         batch = make_batch([calib.items[i] for i in chunk], tuple(chunk), calib.pad_token_id, device)
         rows, width = batch.input_ids.shape
         padded += rows * width
-        captured = intact_pass(model, layout, batch, start)
-        targets = TargetTokens.of(batch)
+        captured = capture(model, layout, batch.input_ids, batch.attention_mask, start)
+        targets = TargetTokens.from_labels(batch.labels)
         index = torch.tensor(chunk)
         intact_sums[index] = target_loss_sums(model, layout, captured.final, targets, rows, max_logit_rows)[0].cpu()
         counts[index] = torch.bincount(targets.rows, minlength=rows).double().cpu()

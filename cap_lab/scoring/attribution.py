@@ -4,12 +4,12 @@ Masking head h of layer l sets its slice z_h of the ``o_proj`` input to zero. To
 the loss then changes by ``-(dL/dz_h . z_h)``: one forward and one backward pass give that
 estimate for every head at once (Syed, Rager & Conmy 2023, "Attribution patching"; Nanda's
 "attribution patching" note), instead of the L x H masked passes of the exact score
-(paper Sec. 3.2, :mod:`cap_lab.fast_scoring`).
+(paper Sec. 3.2, :mod:`cap_lab.scoring.exact`).
 
 Per subset k, with L_k the token-level mean target loss of the subset, the estimate of the
 loss change is ``Delta_k(l, h) = -sum_{tokens of D_k} dL_k/dz_{l,h} . z_{l,h}`` (the gradient of
 the subset *mean*, so the sum over tokens is already averaged like L_k). It is stored as the
-masked loss ``L_k(intact) + Delta_k`` so that :func:`cap_lab.scoring.aggregate_scores` averages
+masked loss ``L_k(intact) + Delta_k`` so that :func:`cap_lab.scoring.types.aggregate_scores` averages
 it exactly like the exact score (median over subsets minus the mean intact loss); were the
 loss linear in z, the two scores would coincide.
 
@@ -24,7 +24,7 @@ known to fail where the loss is far from linear over the step from z_h to 0:
 * heads whose effects cancel or compensate each other (backup heads) nonlinearly.
 
 Use it to rank heads cheaply and check it against the exact scores with
-:func:`cap_lab.scoring.compare_scores`; CAP's pruning uses the exact scores by default.
+:func:`cap_lab.scoring.compare.compare_scores`; CAP's pruning uses the exact scores by default.
 
 Scoring changes no weight and leaves no ``.grad``: gradients are taken with
 ``torch.autograd.grad`` with respect to the ``o_proj`` inputs only (a leaf is made only where an
@@ -36,10 +36,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cap_lab.adapters import get_layout, model_device
 from cap_lab.calibration import CalibrationSet
-from cap_lab.decoder_replay import TargetTokens, intact_pass, target_loss_sums
-from cap_lab.scoring import AGGREGATES, HeadScores, aggregate_scores, subset_mean_losses
+from cap_lab.modeling import TargetTokens, capture, get_layout, model_device, target_loss_sums
+from cap_lab.scoring.types import HeadScores, aggregate_scores, check_aggregate, subset_mean_losses
 
 
 def score_heads_attribution(model: nn.Module, calib: CalibrationSet, *, aggregate: str = "median", batch_size: int = 8,
@@ -54,11 +53,10 @@ def score_heads_attribution(model: nn.Module, calib: CalibrationSet, *, aggregat
         progress: progress bar over batches.
 
     Returns:
-        :class:`cap_lab.scoring.HeadScores` whose ``masked_losses`` are intact loss plus the
+        :class:`cap_lab.scoring.types.HeadScores` whose ``masked_losses`` are intact loss plus the
         linear estimate (see the module docstring for where that estimate fails).
     """
-    if aggregate not in AGGREGATES:
-        raise ValueError(f"aggregate={aggregate!r}; allowed: {', '.join(AGGREGATES)}")
+    check_aggregate(aggregate)
     layout = get_layout(model)
     device = model_device(model)
     n_items, k = len(calib.items), calib.config.n_subsets
@@ -80,10 +78,10 @@ def score_heads_attribution(model: nn.Module, calib: CalibrationSet, *, aggregat
                 z[layer] = x
                 return x
 
-            captured = intact_pass(model, layout, batch, 0, o_proj_hook=keep)
+            captured = capture(model, layout, batch.input_ids, batch.attention_mask, 0, o_proj_hook=keep)
             rows = batch.input_ids.shape[0]
             items = torch.tensor(batch.items)
-            sums = target_loss_sums(model, layout, captured.final, TargetTokens.of(batch), rows)[0]  # (B,)
+            sums = target_loss_sums(model, layout, captured.final, TargetTokens.from_labels(batch.labels), rows)[0]  # (B,)
             objective = (sums * weight[items].to(sums.device)).sum()
             grads = torch.autograd.grad(objective, [z[l] for l in range(layout.num_layers)])
             for layer, g in enumerate(grads):
