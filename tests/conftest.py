@@ -95,3 +95,10 @@ def state_copy(model) -> dict[str, torch.Tensor]:
 
 def same_state(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def pytest_report_header(config):
+    """Which end of the supported range this run tests (pinned set or newest releases)."""
+    import transformers
+
+    return f"cap_lab tested with transformers {transformers.__version__}, torch {torch.__version__}"
