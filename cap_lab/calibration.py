@@ -119,9 +119,6 @@ class CalibrationSet:
     items: tuple[CalibrationItem, ...]
     pad_token_id: int
 
-    def subset_indices(self, k: int) -> list[int]:
-        return [i for i, it in enumerate(self.items) if it.subset == k]
-
     @property
     def n_tokens(self) -> int:
         return sum(len(it.input_ids) for it in self.items)

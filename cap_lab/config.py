@@ -27,15 +27,16 @@ A notebook picks its profile with its ``profile`` parameter; ``None`` means the
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cap_lab.calibration import CalibrationConfig
+from cap_lab.data import TASKS
 from cap_lab.models import DEFAULT_MODEL, LoadedModel, load_model, tiny_random_model
 
 DEFAULT_PROFILE = "cpu"
-PRUNE_METHODS = ("magnitude", "wanda", "cap")  # the Table 1 rows, besides Dense
-EVAL_TASKS = ("gsm8k", "strategyqa", "arc_challenge")
+#: the pruning methods of Table 1's rows, besides Dense (a subset of cap_lab.pruning.PRUNE_METHODS)
+TABLE1_METHODS = ("magnitude", "wanda", "cap")
 TINY_PREFIX = "tiny-"  # "tiny-llama", "tiny-gemma3": seeded random test models
 
 
@@ -57,8 +58,8 @@ class EvalSettings:
         seed: which examples a limited evaluation takes.
     """
 
-    tasks: tuple[str, ...] = EVAL_TASKS
-    cot_tasks: tuple[str, ...] = EVAL_TASKS
+    tasks: tuple[str, ...] = TASKS
+    cot_tasks: tuple[str, ...] = TASKS
     loglik_limit: int | None = 200
     cot_limit: int = 20
     cot_max_new_tokens: int | None = 256
@@ -103,7 +104,7 @@ class Profile:
     score_batch_size: int = 8
     compare_scoring: tuple[str, ...] = ("attribution",)
     magnitude_scope: str = "layer"
-    methods: tuple[str, ...] = PRUNE_METHODS
+    methods: tuple[str, ...] = TABLE1_METHODS
     sparsities: tuple[float, ...] = (0.1, 0.2, 0.5)
     eval: EvalSettings = field(default_factory=EvalSettings)
     explorer_sparsities: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
@@ -111,9 +112,9 @@ class Profile:
     description: str = ""
 
     def __post_init__(self) -> None:
-        bad = [m for m in self.methods if m not in PRUNE_METHODS]
+        bad = [m for m in self.methods if m not in TABLE1_METHODS]
         if bad:
-            raise ValueError(f"methods {bad!r}; allowed: {', '.join(PRUNE_METHODS)}")
+            raise ValueError(f"methods {bad!r}; allowed: {', '.join(TABLE1_METHODS)}")
         bad = [s for s in self.sparsities + self.explorer_sparsities if not 0.0 < s < 1.0]
         if bad:
             raise ValueError(f"sparsities {bad!r} are outside (0, 1)")
@@ -131,9 +132,6 @@ class Profile:
             explorer_sparsities=list(self.explorer_sparsities), figures_dir=self.figures_dir,
         )
 
-    def with_models(self, *models: str) -> "Profile":
-        """The same profile for other models."""
-        return replace(self, models=tuple(models))
 
 
 PROFILES: dict[str, Profile] = {

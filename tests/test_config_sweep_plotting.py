@@ -14,11 +14,8 @@ import torch
 from cap_lab import plotting, sweep
 from cap_lab.config import PROFILES, figures_dir, get_profile, load_profile_model
 from cap_lab.pruning import PruneConfig, prune_model
-from cap_lab.scoring import SCORING_METHODS
 
 TINY = get_profile("tiny")
-if TINY.score_method not in SCORING_METHODS:  # until the fast exact scorer is merged
-    TINY = replace(TINY, score_method="reference")
 
 
 def fake_evaluate(calls: list):
@@ -147,6 +144,7 @@ def test_rank_correlations_and_top_heads():
 
 
 # ------------------------------------------------------------------ widgets
+@pytest.mark.slow  # over a second: renders several figures
 def test_explorer_slider_changes_plot_and_text(data_dir, monkeypatch):
     from cap_lab.widgets import Explorer
 

@@ -16,12 +16,12 @@ import torch
 from cap_lab import plotting, sweep
 from cap_lab.calibration import build_calibration_set
 from cap_lab.config import get_profile, load_profile_model
-from cap_lab.scoring import SCORING_METHODS, head_scores
+from cap_lab.scoring import head_scores
 from cap_lab.widgets import Explorer
 
+pytestmark = pytest.mark.slow  # a second or more each; the notebooks they mirror run under nbval in CI too
+
 TINY = get_profile("tiny")
-if TINY.score_method not in SCORING_METHODS:  # until the fast exact scorer is merged
-    TINY = replace(TINY, score_method="reference")
 
 
 @pytest.fixture

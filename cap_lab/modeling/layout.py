@@ -31,7 +31,6 @@ class ArchSpec:
     mlp: str = "mlp"
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
-    embed_tokens: str = "model.embed_tokens"
 
 
 _LLAMA_LIKE = ArchSpec()
@@ -79,10 +78,6 @@ class ModelLayout:
     def group_size(self) -> int:
         """Query heads that share one key/value head (``H // KV``)."""
         return self.num_heads // self.num_kv_heads
-
-    def kv_head_of(self, head: int) -> int:
-        """The key/value head that query head ``head`` reads (transformers' ``repeat_kv`` order)."""
-        return head // self.group_size
 
     def decoder(self, model: nn.Module) -> nn.Module:
         """The base decoder (embeddings, layers, final norm; no LM head)."""

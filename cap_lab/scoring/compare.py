@@ -54,7 +54,7 @@ def _as_scores(x) -> torch.Tensor:
     return t.detach().double().cpu()
 
 
-def top_heads(scores: torch.Tensor, k: int) -> set[int]:
+def top_head_set(scores: torch.Tensor, k: int) -> set[int]:
     """Flat indices (layer * H + head) of the ``k`` highest scores (ties: lower index first)."""
     return set(torch.argsort(scores.flatten(), descending=True, stable=True)[:k].tolist())
 
@@ -104,7 +104,7 @@ def compare_scores(a, b, model: nn.Module | None = None, *, sparsity: float = 0.
         raise ValueError(f"sparsity={sparsity}; must be in [0, 1)")
     x, y = sa.flatten().numpy(), sb.flatten().numpy()
     k = max(1, round(top_fraction * x.size))
-    overlap = len(top_heads(sa, k) & top_heads(sb, k)) / k
+    overlap = len(top_head_set(sa, k) & top_head_set(sb, k)) / k
     differ = pruned_differently(sa, sb, model, sparsity, kv_reduce) if model is not None else None
     return ScoreAgreement(spearman=float(spearmanr(x, y).statistic), kendall=float(kendalltau(x, y).statistic),
                           top_overlap=overlap, top_k=k, pruned_differently=differ, sparsity=sparsity)
