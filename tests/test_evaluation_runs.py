@@ -1,5 +1,6 @@
 """Saved runs, seeded subsets, ``evaluate`` and ``cap-lab eval`` on tiny models and a tiny data dir."""
 import json
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -64,12 +65,36 @@ def test_cot_run_is_saved_reused_and_keyed_by_the_weights(tmp_path):
     assert pruned.model["fingerprint"] != first.model["fingerprint"]
 
 
-def test_a_corrupt_saved_run_is_recomputed(tmp_path):
+def _cot(lm, out_dir, **kw):
+    return cot_accuracy(lm, "gsm8k", examples=GSM[:2], max_new_tokens=3, out_dir=out_dir, progress=False, **kw)
+
+
+@pytest.mark.parametrize("damage", ["emptied records", "truncated records", "edited summary", "unparsable summary",
+                                    "missing records"])
+def test_a_damaged_saved_run_is_reported_in_one_line_and_recomputed(tmp_path, damage):
     lm = tiny_random_model("llama", seed=0)
-    first = cot_accuracy(lm, "gsm8k", examples=GSM[:1], max_new_tokens=3, out_dir=tmp_path, progress=False)
-    (Path(first.path) / "summary.json").write_text("{not json")
-    second = cot_accuracy(lm, "gsm8k", examples=GSM[:1], max_new_tokens=3, out_dir=tmp_path, progress=False)
-    assert not second.cached and json.loads((Path(second.path) / "summary.json").read_text())
+    first = _cot(lm, tmp_path)
+    folder = Path(first.path)
+    records, summary = folder / "records.jsonl", folder / "summary.json"
+    good_records = read_records(first)
+    if damage == "emptied records":
+        records.write_text("")
+    elif damage == "truncated records":  # still valid JSON lines: one example fewer
+        records.write_text(records.read_text().splitlines(keepends=True)[0])
+    elif damage == "edited summary":  # still valid JSON: a different n
+        summary.write_text(summary.read_text().replace('"n": 2', '"n": 9'))
+    elif damage == "unparsable summary":
+        summary.write_text("{not json")
+    else:
+        records.unlink()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        second = _cot(lm, tmp_path)
+    ours = [str(w.message) for w in caught if str(w.message).startswith("cap_lab:")]
+    assert len(ours) == 1 and "\n" not in ours[0] and str(folder) in ours[0], ours
+    assert not second.cached and second.path == first.path and second.n == 2
+    assert read_records(second) == good_records and json.loads(summary.read_text())["result"]["n"] == 2
+    assert _cot(lm, tmp_path).cached  # the recomputed run is whole again
 
 
 def test_seeded_subsets():

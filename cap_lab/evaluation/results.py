@@ -4,27 +4,26 @@ Every evaluation returns an :class:`EvalResult`: the metric with its 95% confide
 (Wilson score interval for accuracies, :func:`wilson_interval`), n, the settings that
 determined it, the model's identity (name + weight fingerprint) and its measured sparsity.
 
-A run is saved as a folder ``<out_dir>/<task>-<mode>-<key>/`` holding ``summary.json`` (the
-result and the settings payload) and ``records.jsonl`` (one JSON object per example or
-window). ``key`` is :func:`cap_lab.cache.cache_key` of the payload, which contains the model
-fingerprint, dtype, the exact examples and every setting that changes the numbers, so a pruned
-model or a changed prompt template gets a new folder. The folder is written to a temporary
-name and renamed into place; :func:`cached_run` returns a saved run with the same payload
-instead of recomputing (``force=True`` recomputes). Without ``out_dir`` runs go to
-``<cache_root>/eval``.
+A run is saved as a :mod:`cap_lab.store` entry ``<out_dir>/<task>-<mode>-<key>/`` holding
+``summary.json`` (the result and the settings payload), ``records.jsonl`` (one JSON object per
+example or window) and the store's checksummed ``entry.json``. ``key`` is
+:func:`cap_lab.store.entry_key` of the payload, which contains the model fingerprint, dtype, the
+exact examples and every setting that changes the numbers, so a pruned model or a changed prompt
+template gets a new folder. The folder is written atomically; :func:`cached_run` returns a saved
+run with the same payload instead of recomputing (``force=True`` recomputes), and a damaged
+saved run (an emptied ``records.jsonl``, an edited summary) is reported in one warning line and
+recomputed. Without ``out_dir`` runs go to ``<cache_root>/eval``.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
-from cap_lab.cache import cache_key
+from cap_lab import store
 from cap_lab.models import cache_root, model_fingerprint
 
 #: bump when a change to this package changes evaluation numbers (part of every run key)
@@ -125,45 +124,36 @@ def describe_model(lm) -> dict:
     return info
 
 
+def _root(out_dir) -> Path:
+    return Path(out_dir).expanduser() if out_dir is not None else cache_root() / "eval"
+
+
+def _prefix(payload: dict) -> str:
+    return f"{payload['task']}-{payload['mode']}-"
+
+
 def run_folder(payload: dict, out_dir: str | os.PathLike | None = None) -> Path:
     """``<out_dir>/<task>-<mode>-<key>`` of a run payload (default ``out_dir``: the cache)."""
-    root = Path(out_dir).expanduser() if out_dir is not None else cache_root() / "eval"
-    return root / f"{payload['task']}-{payload['mode']}-{cache_key(payload)}"
-
-
-def _canonical(payload: dict) -> dict:
-    return json.loads(json.dumps(payload, sort_keys=True, default=str))
+    return store.entry_folder(_root(out_dir), payload, _prefix(payload))
 
 
 def load_run(payload: dict, out_dir=None) -> EvalResult | None:
-    """The saved result with exactly this payload, or ``None`` (absent, corrupt or different)."""
-    folder = run_folder(payload, out_dir)
-    try:
-        summary = json.loads((folder / "summary.json").read_text())
-        if summary.get("payload") != _canonical(payload) or not (folder / "records.jsonl").is_file():
-            return None
-        return replace(EvalResult.from_dict(summary["result"]), path=str(folder), cached=True)
-    except (OSError, ValueError, KeyError, TypeError):
+    """The saved result with exactly this payload, or ``None`` (absent, or damaged: one warning)."""
+    entry = store.load(_root(out_dir), payload, prefix=_prefix(payload))
+    if entry is None:
         return None
+    summary = json.loads((entry.folder / "summary.json").read_text(encoding="utf-8"))  # checksum verified
+    return replace(EvalResult.from_dict(summary["result"]), path=str(entry.folder), cached=True)
 
 
 def save_run(result: EvalResult, payload: dict, records: list[dict], out_dir=None) -> EvalResult:
     """Write ``summary.json`` and ``records.jsonl`` atomically; returns the result with ``path``."""
     folder = run_folder(payload, out_dir)
     result = replace(result, path=str(folder), cached=False)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        summary = {"result": result.to_dict(), "payload": _canonical(payload), "key": cache_key(payload)}
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
-        with open(tmp / "records.jsonl", "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
-        if folder.exists():  # forced re-run or a corrupt folder
-            shutil.rmtree(folder)
-        os.rename(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    summary = {"result": result.to_dict(), "payload": payload, "key": store.entry_key(payload)}
+    files = {"summary.json": json.dumps(summary, indent=2, sort_keys=True, default=str),
+             "records.jsonl": "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records)}
+    store.save(_root(out_dir), payload, prefix=_prefix(payload), files=files)
     return result
 
 
