@@ -10,12 +10,12 @@ For one model, a sweep visits the dense model and every (method, sparsity) of a 
 3. records what pruning did (achieved sparsity, per layer, per matrix type, per head),
 4. evaluates (:func:`cap_lab.evaluation.evaluate`): log-likelihood accuracy and CoT accuracy
    on the reasoning tasks and WikiText-2 perplexity, each with its confidence interval,
-5. writes the record to the settings-keyed cache (:mod:`cap_lab.cache`, kind ``sweep``).
+5. writes the record to the settings-keyed store (:mod:`cap_lab.store`, ``<cache_root>/sweep``).
 
 A cell's key holds the dense model's identity (name and weight fingerprint), the calibration
 settings, the scoring method, the pruning settings and the evaluation settings, so an
 interrupted sweep resumes at the first missing cell, and notebooks 03, 04 and 05 read what an
-earlier notebook computed. The pruning summary alone is also cached (kind ``prune``) so the
+earlier notebook computed. The pruning summary alone is also stored (``<cache_root>/prune``) so the
 explorer (notebook 05) can show any cell without pruning again.
 """
 from __future__ import annotations
@@ -28,11 +28,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from cap_lab import cache
+from cap_lab import store
 from cap_lab.modeling import get_layout
 from cap_lab.calibration import CalibrationSet, build_calibration_set
 from cap_lab.config import Profile, get_profile, load_profile_model
-from cap_lab.models import LoadedModel
+from cap_lab.models import LoadedModel, cache_root
 from cap_lab.pruning import PruneConfig, attention_sparsity_per_head, prune_model, sparsity_by
 from cap_lab.scoring import HeadScores, head_scores
 
@@ -172,14 +172,14 @@ def prune_cell(ctx: SweepContext, cell: SweepCell, progress: bool = False) -> di
         "head_sparsity": attention_sparsity_per_head(ctx.lm.model).tolist(),
         "prune_seconds": time.perf_counter() - start,
     }
-    cache.save_entry("prune", _prune_payload(ctx, cell), {"summary": summary})
+    store.save(cache_root() / "prune", _prune_payload(ctx, cell), {"summary": summary})
     return summary
 
 
 def cached_prune_summary(ctx: SweepContext, cell: SweepCell) -> dict | None:
     """The cached pruning summary of ``cell``, or ``None``."""
-    hit = cache.load_entry("prune", _prune_payload(ctx, cell))
-    return None if hit is None else hit[0]["summary"]
+    hit = store.load(cache_root() / "prune", _prune_payload(ctx, cell))
+    return None if hit is None else hit.metadata["summary"]
 
 
 def prune_summary(ctx: SweepContext, cell: SweepCell, progress: bool = False) -> dict:
@@ -268,9 +268,9 @@ def run_cell(ctx: SweepContext, cell: SweepCell, *, force: bool = False, progres
     """
     payload = _cell_payload(ctx, cell)
     if not force:
-        hit = cache.load_entry("sweep", payload)
+        hit = store.load(cache_root() / "sweep", payload)
         if hit is not None:
-            return hit[0]["record"]
+            return hit.metadata["record"]
     start = time.perf_counter()
     summary = prune_cell(ctx, cell, progress)
     try:
@@ -280,7 +280,7 @@ def run_cell(ctx: SweepContext, cell: SweepCell, *, force: bool = False, progres
     record = {"model": ctx.identity["name"], "method": cell.method, "sparsity": cell.sparsity, **summary,
               "rows": rows, "seconds": time.perf_counter() - start,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    cache.save_entry("sweep", payload, {"record": record})
+    store.save(cache_root() / "sweep", payload, {"record": record})
     return record
 
 
