@@ -32,6 +32,7 @@ from pathlib import Path
 
 from cap_lab.calibration import CalibrationConfig
 from cap_lab.data import TASKS
+from cap_lab.evaluation.settings import EvalSettings
 from cap_lab.models import DEFAULT_MODEL, LoadedModel, load_model, tiny_random_model
 
 DEFAULT_PROFILE = "cpu"
@@ -41,8 +42,8 @@ TINY_PREFIX = "tiny-"  # "tiny-llama", "tiny-gemma3": seeded random test models
 
 
 @dataclass(frozen=True)
-class EvalSettings:
-    """How each sweep cell is evaluated (:func:`cap_lab.evaluation.evaluate`).
+class EvalPlan:
+    """Which evaluations each sweep cell gets, and how big (each becomes an :class:`EvalSettings`).
 
     Attributes:
         tasks: reasoning benchmarks; those with answer options (StrategyQA, ARC-Challenge) get
@@ -70,6 +71,19 @@ class EvalSettings:
 
     def to_dict(self) -> dict:
         return dict(asdict(self), tasks=list(self.tasks), cot_tasks=list(self.cot_tasks))
+
+    def loglik_settings(self) -> EvalSettings:
+        """Settings of the log-likelihood accuracy runs."""
+        return EvalSettings(mode="loglik", limit=self.loglik_limit, seed=self.seed, batch_size=self.batch_size)
+
+    def cot_settings(self) -> EvalSettings:
+        """Settings of the chain-of-thought accuracy runs."""
+        return EvalSettings(mode="cot", limit=self.cot_limit or None, seed=self.seed,
+                            max_new_tokens=self.cot_max_new_tokens, batch_size=self.batch_size)
+
+    def perplexity_settings(self) -> EvalSettings:
+        """Settings of the WikiText-2 perplexity run."""
+        return EvalSettings(ppl_seqlen=self.ppl_seqlen, ppl_windows=self.ppl_windows, batch_size=self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -106,7 +120,7 @@ class Profile:
     magnitude_scope: str = "layer"
     methods: tuple[str, ...] = TABLE1_METHODS
     sparsities: tuple[float, ...] = (0.1, 0.2, 0.5)
-    eval: EvalSettings = field(default_factory=EvalSettings)
+    eval: EvalPlan = field(default_factory=EvalPlan)
     explorer_sparsities: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
     figures_dir: str = "figures"
     description: str = ""
@@ -143,7 +157,7 @@ PROFILES: dict[str, Profile] = {
             calibration=CalibrationConfig(n_per_task=4, n_subsets=2, max_length=64),
             score_method="exact",
             sparsities=(0.2, 0.5),
-            eval=EvalSettings(loglik_limit=3, cot_limit=1, cot_max_new_tokens=8, ppl_seqlen=32, ppl_windows=1, batch_size=4),
+            eval=EvalPlan(loglik_limit=3, cot_limit=1, cot_max_new_tokens=8, ppl_seqlen=32, ppl_windows=1, batch_size=4),
             figures_dir="executed/figures-tiny",
             description="seeded random tiny Llama: plumbing only (tests, browser test)",
         ),
@@ -154,7 +168,7 @@ PROFILES: dict[str, Profile] = {
             score_method="attribution",  # exact: ~0.7 s per calibration token here, x2 seeds: ~9 min
             compare_scoring=(),
             sparsities=(0.5,),
-            eval=EvalSettings(cot_tasks=("gsm8k",), loglik_limit=2, cot_limit=1, cot_max_new_tokens=8, ppl_seqlen=128,
+            eval=EvalPlan(cot_tasks=("gsm8k",), loglik_limit=2, cot_limit=1, cot_max_new_tokens=8, ppl_seqlen=128,
                               ppl_windows=1, batch_size=4),
             explorer_sparsities=(0.2, 0.5),
             figures_dir="executed/figures-ci",
@@ -168,7 +182,7 @@ PROFILES: dict[str, Profile] = {
             calibration=CalibrationConfig(n_per_task=3, n_subsets=3, max_length=64),
             score_method="exact",
             sparsities=(0.2, 0.5),
-            eval=EvalSettings(cot_tasks=("gsm8k",), loglik_limit=40, cot_limit=8, cot_max_new_tokens=96, ppl_seqlen=512,
+            eval=EvalPlan(cot_tasks=("gsm8k",), loglik_limit=40, cot_limit=8, cot_max_new_tokens=96, ppl_seqlen=512,
                               ppl_windows=4, batch_size=8),
             figures_dir="figures",
             description="laptop-class CPU: default model + gemma3-270m, < 45 min for notebooks 01-04",
@@ -181,7 +195,7 @@ PROFILES: dict[str, Profile] = {
             score_batch_size=16,
             magnitude_scope="global",
             sparsities=(0.1, 0.2, 0.5),
-            eval=EvalSettings(loglik_limit=None, cot_limit=100_000, cot_max_new_tokens=512, ppl_seqlen=2048, ppl_windows=100, batch_size=16),
+            eval=EvalPlan(loglik_limit=None, cot_limit=100_000, cot_max_new_tokens=512, ppl_seqlen=2048, ppl_windows=100, batch_size=16),
             figures_dir="figures/paper",
             description="the paper's settings, for a GPU machine",
         ),

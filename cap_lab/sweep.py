@@ -32,6 +32,7 @@ from cap_lab import store
 from cap_lab.modeling import get_layout
 from cap_lab.calibration import CalibrationSet, build_calibration_set
 from cap_lab.config import Profile, get_profile, load_profile_model
+from cap_lab.evaluation import LOGLIK_TASKS, evaluate
 from cap_lab.models import LoadedModel, cache_root
 from cap_lab.pruning import PruneConfig, attention_sparsity_per_head, prune_model, sparsity_by
 from cap_lab.scoring import HeadScores, head_scores
@@ -192,12 +193,6 @@ def prune_summary(ctx: SweepContext, cell: SweepCell, progress: bool = False) ->
 
 
 # ------------------------------------------------------------------ evaluation
-def _call_evaluate(lm: LoadedModel, tasks: list[str], **kwargs) -> dict:
-    from cap_lab.evaluation import evaluate
-
-    return evaluate(lm, tasks, **kwargs)
-
-
 def _rows(results: dict, mode: str) -> list[dict]:
     nan = float("nan")
     rows = []
@@ -216,8 +211,6 @@ def evaluate_settings(profile: Profile) -> dict:
 
 def loglik_tasks(tasks) -> list[str]:
     """The tasks that have option log-likelihood accuracy (multiple choice / yes-no)."""
-    from cap_lab.evaluation import LOGLIK_TASKS
-
     return [t for t in tasks if t in LOGLIK_TASKS]
 
 
@@ -240,17 +233,17 @@ def evaluate_model(lm: LoadedModel, profile: Profile, *, data_dir=None, progress
         (accuracy of the likeliest option), ``cot`` (greedy chain-of-thought accuracy, strict)
         or ``ppl`` (WikiText-2 perplexity). A missing interval is NaN.
     """
-    ev = profile.eval
-    loglik = list(loglik if loglik is not None else loglik_tasks(ev.tasks))
-    cot = list(cot if cot is not None else (ev.cot_tasks if ev.cot_limit else ()))
-    common = dict(seed=ev.seed, data_dir=data_dir, batch_size=ev.batch_size, progress=progress)
+    plan = profile.eval
+    loglik = list(loglik if loglik is not None else loglik_tasks(plan.tasks))
+    cot = list(cot if cot is not None else (plan.cot_tasks if plan.cot_limit else ()))
     rows: list[dict] = []
     if loglik:
-        rows += _rows(_call_evaluate(lm, loglik, mode="loglik", limit=ev.loglik_limit, **common), "loglik")
+        rows += _rows(evaluate(lm, loglik, plan.loglik_settings(), data_dir=data_dir, progress=progress), "loglik")
     if cot:
-        rows += _rows(_call_evaluate(lm, cot, mode="cot", limit=ev.cot_limit, max_new_tokens=ev.cot_max_new_tokens, **common), "cot")
+        rows += _rows(evaluate(lm, cot, plan.cot_settings(), data_dir=data_dir, progress=progress), "cot")
     if ppl:
-        rows += _rows(_call_evaluate(lm, ["wikitext2"], ppl_seqlen=ev.ppl_seqlen, ppl_windows=ev.ppl_windows, **common), "ppl")
+        rows += _rows(evaluate(lm, ["wikitext2"], plan.perplexity_settings(), data_dir=data_dir, progress=progress),
+                      "ppl")
     return rows
 
 

@@ -21,8 +21,8 @@ TINY = get_profile("tiny")
 def fake_evaluate(calls: list):
     """A stand-in for cap_lab.evaluation.evaluate whose value depends on the weights."""
 
-    def evaluate(lm, tasks, **kwargs):
-        calls.append((tuple(tasks), kwargs.get("mode")))
+    def evaluate(lm, tasks, settings, **kwargs):
+        calls.append((tuple(tasks), settings.mode))
         zeros = sum(float((p == 0).float().mean()) for p in lm.model.parameters()) / len(list(lm.model.parameters()))
         out = {}
         for t in tasks:
@@ -76,7 +76,7 @@ def test_dense_weights_restore_is_bit_exact(tiny):
 
 def test_sweep_caches_every_cell_and_resumes(data_dir, monkeypatch):
     calls = []
-    monkeypatch.setattr(sweep, "_call_evaluate", lambda lm, tasks, **kw: fake_evaluate(calls)(lm, tasks, **kw))
+    monkeypatch.setattr(sweep, "evaluate", fake_evaluate(calls))
     lm = load_profile_model("tiny-llama")
     dense_print = lm.fingerprint
     cells = sweep.sweep_cells(TINY)
@@ -149,7 +149,7 @@ def test_explorer_slider_changes_plot_and_text(data_dir, monkeypatch):
     from cap_lab.widgets import Explorer
 
     calls = []
-    monkeypatch.setattr(sweep, "_call_evaluate", lambda lm, tasks, **kw: fake_evaluate(calls)(lm, tasks, **kw))
+    monkeypatch.setattr(sweep, "evaluate", fake_evaluate(calls))
     ex = Explorer(TINY, data_dir=data_dir)
     ex.widget()
     text, image = ex.status.value, ex.image.value

@@ -9,7 +9,7 @@ import torch
 
 from cap_lab.cli import main
 from cap_lab.data import Example
-from cap_lab.evaluation import EVAL_TASKS, cot_accuracy, evaluate, read_records, results_table
+from cap_lab.evaluation import EVAL_TASKS, EvalSettings, cot_accuracy, evaluate, read_records, results_table
 from cap_lab.evaluation.runner import parse_tasks
 from cap_lab.evaluation.subsets import select_examples
 from cap_lab.models import tiny_random_model
@@ -44,7 +44,7 @@ GSM = [Example("gsm8k", f"g{i}", f"What is {i} + {i}?", str(2 * i)) for i in ran
 
 def test_cot_run_is_saved_reused_and_keyed_by_the_weights(tmp_path):
     lm = tiny_random_model("llama", seed=0)
-    first = cot_accuracy(lm, "gsm8k", examples=GSM, max_new_tokens=6, out_dir=tmp_path, progress=False)
+    first = cot_accuracy(lm, "gsm8k", EvalSettings(max_new_tokens=6), examples=GSM, out_dir=tmp_path, progress=False)
     folder = Path(first.path)
     records = read_records(first)
     assert not first.cached and folder.parent == tmp_path and folder.name.startswith("gsm8k-cot-")
@@ -52,21 +52,23 @@ def test_cot_run_is_saved_reused_and_keyed_by_the_weights(tmp_path):
     assert set(records[0]) >= {"prompt", "generation", "strict", "flexible", "gold", "strict_correct", "steps",
                                "complete", "generated_tokens", "truncated"}
     assert 0 <= first.flexible_accuracy <= 1 and first.chain_stats["n"] == 3 and first.sparsity == 0.0
-    again = cot_accuracy(lm, "gsm8k", examples=GSM, max_new_tokens=6, out_dir=tmp_path, progress=False)
+    again = cot_accuracy(lm, "gsm8k", EvalSettings(max_new_tokens=6), examples=GSM, out_dir=tmp_path, progress=False)
     assert again.cached and replace(again, cached=False) == first
-    forced = cot_accuracy(lm, "gsm8k", examples=GSM, max_new_tokens=6, out_dir=tmp_path, force=True, progress=False)
+    forced = cot_accuracy(lm, "gsm8k", EvalSettings(max_new_tokens=6), examples=GSM, out_dir=tmp_path, force=True,
+                          progress=False)
     assert not forced.cached and forced.path == first.path and forced.value == first.value
-    longer = cot_accuracy(lm, "gsm8k", examples=GSM, max_new_tokens=7, out_dir=tmp_path, progress=False)
+    longer = cot_accuracy(lm, "gsm8k", EvalSettings(max_new_tokens=7), examples=GSM, out_dir=tmp_path, progress=False)
     assert longer.path != first.path
     with torch.no_grad():  # prune in place: the same LoadedModel must not reuse the dense run
         lm.model.model.layers[0].mlp.up_proj.weight[:, :4] = 0
-    pruned = cot_accuracy(lm, "gsm8k", examples=GSM, max_new_tokens=6, out_dir=tmp_path, progress=False)
+    pruned = cot_accuracy(lm, "gsm8k", EvalSettings(max_new_tokens=6), examples=GSM, out_dir=tmp_path, progress=False)
     assert not pruned.cached and pruned.path != first.path and pruned.sparsity > 0
     assert pruned.model["fingerprint"] != first.model["fingerprint"]
 
 
 def _cot(lm, out_dir, **kw):
-    return cot_accuracy(lm, "gsm8k", examples=GSM[:2], max_new_tokens=3, out_dir=out_dir, progress=False, **kw)
+    return cot_accuracy(lm, "gsm8k", EvalSettings(max_new_tokens=3), examples=GSM[:2], out_dir=out_dir, progress=False,
+                        **kw)
 
 
 @pytest.mark.parametrize("damage", ["emptied records", "truncated records", "edited summary", "unparsable summary",
@@ -109,14 +111,14 @@ def test_seeded_subsets():
 
 def test_evaluate_every_task_on_a_data_dir(tmp_path, data_dir):
     lm = tiny_random_model("qwen2", seed=1)
-    results = evaluate(lm, EVAL_TASKS, limit=2, data_dir=data_dir, out_dir=tmp_path / "runs", max_new_tokens=4,
-                       ppl_seqlen=16, ppl_windows=2, progress=False)
+    results = evaluate(lm, EVAL_TASKS, EvalSettings(limit=2, max_new_tokens=4, ppl_seqlen=16, ppl_windows=2),
+                       data_dir=data_dir, out_dir=tmp_path / "runs", progress=False)
     assert list(results) == ["gsm8k", "strategyqa", "arc_challenge", "wikitext2"]
     assert all(r.n == 2 for r in results.values())
     assert results["wikitext2"].details["n_tokens"] == 32
     assert {r.model["fingerprint"] for r in results.values()} == {results["gsm8k"].model["fingerprint"]}
-    loglik = evaluate(lm, "arc_challenge,strategyqa", mode="loglik", data_dir=data_dir, out_dir=tmp_path / "runs",
-                      progress=False)
+    loglik = evaluate(lm, "arc_challenge,strategyqa", EvalSettings(mode="loglik"), data_dir=data_dir,
+                      out_dir=tmp_path / "runs", progress=False)
     assert loglik["arc_challenge"].n == 3 and loglik["strategyqa"].metric == "loglik_accuracy"
     table = results_table({**results, "arc_loglik": loglik["arc_challenge"]})
     assert len(table) == 5 and table["value"].notna().all()

@@ -8,6 +8,7 @@ from torch import nn
 from cap_lab.data import Example
 from cap_lab.evaluation.loglik import continuation_logprobs, loglik_accuracy, option_logprobs
 from cap_lab.evaluation.perplexity import perplexity_from_nll, token_windows, tokenize_corpus, wikitext2_perplexity
+from cap_lab.evaluation.settings import EvalSettings
 from cap_lab.models import tiny_random_model, tiny_tokenizer
 
 
@@ -56,12 +57,20 @@ def test_corpus_is_tokenized_once_with_special_tokens():
     assert token_windows(ids, 100).shape == (4, 100)  # 481 tokens: 4 windows, 81 dropped
 
 
+def wikitext_dir(root, text: str):
+    """A data folder whose WikiText-2 test file holds ``text``."""
+    (root / "wikitext2_raw").mkdir(parents=True)
+    (root / "wikitext2_raw" / "wiki.test.raw").write_text(text)
+    return root
+
+
 def test_uniform_logits_give_perplexity_equal_to_the_vocabulary(tmp_path):
     lm = tiny_random_model("llama")
     with torch.no_grad():
         lm.model.lm_head.weight.zero_()  # logits 0 everywhere: uniform over 112 tokens
-    result = wikitext2_perplexity(lm, text="The quick brown fox. " * 20, seqlen=32, n_windows=3, out_dir=tmp_path,
-                                  progress=False)
+    result = wikitext2_perplexity(lm, EvalSettings(ppl_seqlen=32, ppl_windows=3),
+                                  data_dir=wikitext_dir(tmp_path / "data", "The quick brown fox. " * 20),
+                                  out_dir=tmp_path, progress=False)
     assert math.isclose(result.value, lm.model.config.vocab_size, rel_tol=1e-5)
     assert result.details["n_tokens"] == 96 and result.details["n_predictions"] == 93 and result.n == 3
     assert result.details["seqlen"] == 32 and result.metric == "perplexity"
@@ -70,7 +79,8 @@ def test_uniform_logits_give_perplexity_equal_to_the_vocabulary(tmp_path):
 def test_perplexity_is_capped_by_the_context_and_matches_the_model_loss(tmp_path):
     lm = tiny_random_model("qwen2", seed=4, max_position_embeddings=24)
     text = "Valkyria Chronicles III is a tactical role-playing game. " * 3
-    result = wikitext2_perplexity(lm, text=text, seqlen=2048, n_windows=None, out_dir=tmp_path, progress=False)
+    result = wikitext2_perplexity(lm, EvalSettings(ppl_seqlen=2048, ppl_windows=None),
+                                  data_dir=wikitext_dir(tmp_path / "data", text), out_dir=tmp_path, progress=False)
     assert result.details["seqlen"] == 24 and result.details["requested_seqlen"] == 2048
     windows = token_windows(tokenize_corpus(lm.tokenizer, text), 24)
     with torch.inference_mode():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cap_lab.data import load_task
-from cap_lab.evaluation import evaluate, generate_greedy, read_records, stop_token_ids
+from cap_lab.evaluation import EvalSettings, evaluate, generate_greedy, read_records, stop_token_ids
 from cap_lab.prompts import cot_user_text, encode_prompt
 
 pytestmark = pytest.mark.slow
@@ -36,8 +36,8 @@ def out_dir(tmp_path_factory):
 
 def test_cot_on_every_reasoning_task(lm, out_dir):
     # a short cap keeps CI fast; the full defaults (512 GSM8K / 256) are for real runs
-    results = evaluate(lm, "gsm8k,strategyqa,arc_challenge", limit=LIMIT, out_dir=out_dir, max_new_tokens=24,
-                       batch_size=LIMIT, progress=False)
+    results = evaluate(lm, "gsm8k,strategyqa,arc_challenge", EvalSettings(limit=LIMIT, max_new_tokens=24, batch_size=LIMIT),
+                       out_dir=out_dir, progress=False)
     for task, r in results.items():
         assert r.n == LIMIT and 0 <= r.strict_accuracy <= r.value + 1e-12 <= 1 and 0 <= r.flexible_accuracy <= 1
         records = read_records(r)
@@ -49,14 +49,16 @@ def test_cot_on_every_reasoning_task(lm, out_dir):
 
 
 def test_loglik_accuracy(lm, out_dir):
-    results = evaluate(lm, "arc_challenge,strategyqa", mode="loglik", limit=LIMIT, out_dir=out_dir, progress=False)
+    results = evaluate(lm, "arc_challenge,strategyqa", EvalSettings(mode="loglik", limit=LIMIT), out_dir=out_dir,
+                       progress=False)
     for r in results.values():
         assert r.n == LIMIT and 0 <= r.value <= 1 and 0 <= r.details["loglik_accuracy_norm"] <= 1
         assert all(math.isfinite(o["logprob"]) and o["logprob"] < 0 for rec in read_records(r) for o in rec["options"])
 
 
 def test_wikitext2_perplexity(lm, out_dir):
-    r = evaluate(lm, ["wikitext2"], out_dir=out_dir, ppl_seqlen=512, ppl_windows=2, progress=False)["wikitext2"]
+    r = evaluate(lm, ["wikitext2"], EvalSettings(ppl_seqlen=512, ppl_windows=2), out_dir=out_dir,
+                 progress=False)["wikitext2"]
     assert r.details["seqlen"] == 512 and r.details["n_tokens"] == 1024 and r.n == 2
     assert math.isfinite(r.value) and 1 < r.value < 200 and r.ci_low < r.value < r.ci_high
     assert len(read_records(r)) == 2

@@ -82,7 +82,7 @@ def test_03_and_04_sweep_table_and_perplexity_vs_accuracy(data_dir, figures, mon
                          "03_layers.png", profile=TINY)
 
     # notebook 04 reads the same cells from the cache: no evaluation runs again
-    monkeypatch.setattr(sweep, "_call_evaluate", lambda *a, **k: pytest.fail("a cached cell was evaluated again"))
+    monkeypatch.setattr(sweep, "evaluate", lambda *a, **k: pytest.fail("a cached cell was evaluated again"))
     again = sweep.run_sweep(TINY, "tiny-llama", data_dir=data_dir, progress=False).results()
     assert again.equals(res)
     plotting.save_output(plotting.perplexity_vs_accuracy(again, model="tiny-llama", profile=TINY), "04.png", profile=TINY)

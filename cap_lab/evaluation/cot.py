@@ -18,6 +18,7 @@ from cap_lab.evaluation.chains import chain_stats, summarize_chains
 from cap_lab.evaluation.extraction import answers_match, extract_flexible, extract_strict
 from cap_lab.evaluation.generation import generate_greedy, stop_token_ids
 from cap_lab.evaluation.results import EVAL_VERSION, EvalResult, cached_run, describe_model, wilson_interval
+from cap_lab.evaluation.settings import EvalSettings
 from cap_lab.evaluation.subsets import evaluation_examples, examples_digest
 from cap_lab.prompts import FORMAT_VERSION, cot_user_text, encode_prompt, render_prompt, resolve_style
 
@@ -34,21 +35,18 @@ def score_generation(example: Example, text: str) -> dict:
             "flexible_correct": answers_match(example.task, flexible, example.gold)}
 
 
-def cot_accuracy(lm, task: str, *, examples: list[Example] | None = None, limit: int | None = None, seed: int = 0,
-                 data_dir=None, max_new_tokens: int | None = None, batch_size: int = 32, prompt_style: str = "auto",
-                 out_dir=None, force: bool = False, progress: bool = True, model_info: dict | None = None) -> EvalResult:
+def cot_accuracy(lm, task: str, settings: EvalSettings = EvalSettings(), *, examples: list[Example] | None = None,
+                 data_dir=None, out_dir=None, force: bool = False, progress: bool = True,
+                 model_info: dict | None = None) -> EvalResult:
     """Greedy chain-of-thought accuracy of a model on one reasoning task.
 
     Args:
         lm: a :class:`cap_lab.models.LoadedModel`.
         task: ``gsm8k``, ``strategyqa`` or ``arc_challenge``.
-        examples: evaluate these instead of the task's evaluation split.
-        limit: a seeded random subset of this many examples (``None``: all).
-        seed: the subset's seed.
+        settings: ``limit``, ``seed``, ``max_new_tokens`` (default
+            :data:`DEFAULT_MAX_NEW_TOKENS`), ``prompt_style`` and ``batch_size`` apply.
+        examples: evaluate these instead of the task's evaluation split (``limit`` ignored).
         data_dir: data folder (default ``$CAP_LAB_DATA``, else the hub).
-        max_new_tokens: generation cap (default :data:`DEFAULT_MAX_NEW_TOKENS`).
-        batch_size: prompts decoded together (does not change the result).
-        prompt_style: ``auto``, ``chat`` or ``plain`` (:func:`cap_lab.prompts.resolve_style`).
         out_dir: folder for the saved run (default: the cap_lab cache).
         force: recompute even if a run with the same settings is saved.
         progress: progress bar with examples/s.
@@ -60,13 +58,14 @@ def cot_accuracy(lm, task: str, *, examples: list[Example] | None = None, limit:
     """
     if task not in TASKS:
         raise ValueError(f"unknown CoT task {task!r}; allowed: {', '.join(TASKS)}")
+    limit, seed = settings.limit, settings.seed
     examples = evaluation_examples(task, limit, seed, data_dir) if examples is None else list(examples)
     if not examples:
         raise ValueError(f"no {task} examples to evaluate")
     if any(e.task != task for e in examples):
         raise ValueError(f"examples of other tasks passed to the {task} evaluation")
-    max_new = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task]
-    style = resolve_style(lm.tokenizer, prompt_style)
+    max_new = settings.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task]
+    style = resolve_style(lm.tokenizer, settings.prompt_style)
     info = model_info or describe_model(lm)
     prompts = [encode_prompt(lm.tokenizer, cot_user_text(e), style) for e in examples]
     stop_ids = stop_token_ids(lm.tokenizer, lm.model)
@@ -82,7 +81,7 @@ def cot_accuracy(lm, task: str, *, examples: list[Example] | None = None, limit:
         start = time.perf_counter()
         pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else stop_ids[0]
         generations = generate_greedy(lm.model, prompts, max_new_tokens=max_new, stop_ids=stop_ids, pad_id=pad_id,
-                                      batch_size=batch_size, progress=progress, desc=f"{task} cot")
+                                      batch_size=settings.batch_size, progress=progress, desc=f"{task} cot")
         seconds = time.perf_counter() - start
         records, chains = [], []
         for example, ids, gen in zip(examples, prompts, generations):
@@ -99,7 +98,7 @@ def cot_accuracy(lm, task: str, *, examples: list[Example] | None = None, limit:
         n_generated = sum(len(g.tokens) for g in generations)
         details = {"strict_correct": n_strict, "flexible_correct": n_flexible, "strict_ci": strict_ci,
                    "flexible_ci": flexible_ci, "seconds": seconds, "generated_tokens": n_generated,
-                   "tokens_per_second": n_generated / seconds if seconds > 0 else None, "batch_size": batch_size}
+                   "tokens_per_second": n_generated / seconds if seconds > 0 else None, "batch_size": settings.batch_size}
         result = EvalResult(task=task, mode="cot", metric="strict_accuracy", value=n_strict / n, ci_low=strict_ci[0],
                             ci_high=strict_ci[1], n=n, settings=payload, model=info["identity"],
                             sparsity=info["sparsity"], strict_accuracy=n_strict / n, flexible_accuracy=n_flexible / n,

@@ -33,6 +33,7 @@ from cap_lab.data import EVALUATION_SPLIT, Example
 from cap_lab.evaluation.generation import prefill_inputs, shared_prefix
 from cap_lab.modeling import decoder_forward, get_layout, model_device, select_cache, token_logprobs
 from cap_lab.evaluation.results import EVAL_VERSION, EvalResult, cached_run, describe_model, wilson_interval
+from cap_lab.evaluation.settings import EvalSettings
 from cap_lab.evaluation.subsets import evaluation_examples, examples_digest
 from cap_lab.prompts import encode_continuation, encode_prompt, resolve_style
 
@@ -172,12 +173,13 @@ def option_logprobs(model: nn.Module, contexts: list[list[int]], options: list[l
     return out
 
 
-def loglik_accuracy(lm, task: str, *, examples: list[Example] | None = None, limit: int | None = None, seed: int = 0,
-                    data_dir=None, batch_size: int = 32, prompt_style: str = "auto", out_dir=None, force: bool = False,
+def loglik_accuracy(lm, task: str, settings: EvalSettings = EvalSettings(mode="loglik"), *,
+                    examples: list[Example] | None = None, data_dir=None, out_dir=None, force: bool = False,
                     progress: bool = True, model_info: dict | None = None) -> EvalResult:
     """Log-likelihood multiple-choice accuracy on ARC-Challenge or StrategyQA (module docstring).
 
-    Arguments as in :func:`cap_lab.evaluation.cot.cot_accuracy`.
+    Arguments as in :func:`cap_lab.evaluation.cot.cot_accuracy`; of the settings, ``limit``,
+    ``seed``, ``prompt_style`` and ``batch_size`` apply.
 
     Returns:
         :class:`EvalResult` with ``metric="loglik_accuracy"``; ``details`` holds the
@@ -185,10 +187,11 @@ def loglik_accuracy(lm, task: str, *, examples: list[Example] | None = None, lim
     """
     if task not in LOGLIK_TASKS:
         raise ValueError(f"log-likelihood accuracy supports {', '.join(LOGLIK_TASKS)}; got {task!r}")
+    limit, seed, batch_size = settings.limit, settings.seed, settings.batch_size
     examples = evaluation_examples(task, limit, seed, data_dir) if examples is None else list(examples)
     if not examples:
         raise ValueError(f"no {task} examples to evaluate")
-    style = resolve_style(lm.tokenizer, prompt_style)
+    style = resolve_style(lm.tokenizer, settings.prompt_style)
     info = model_info or describe_model(lm)
     tok = lm.tokenizer
     contexts = [encode_prompt(tok, loglik_user_text(e), style) for e in examples]

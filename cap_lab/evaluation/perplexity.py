@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from cap_lab.data import load_wikitext2_test
 from cap_lab.modeling import decoder_forward, get_layout, model_device, token_logprobs
 from cap_lab.evaluation.results import EVAL_VERSION, EvalResult, cached_run, describe_model
+from cap_lab.evaluation.settings import EvalSettings
 
 PERPLEXITY_TASK = "wikitext2"
 
@@ -100,33 +101,31 @@ def tokenize_corpus(tokenizer, text: str) -> torch.Tensor:
     return ids
 
 
-def wikitext2_perplexity(lm, *, seqlen: int = 2048, n_windows: int | None = 100, data_dir=None, out_dir=None,
+def wikitext2_perplexity(lm, settings: EvalSettings = EvalSettings(), *, data_dir=None, out_dir=None,
                          force: bool = False, chunk_size: int = 512, progress: bool = True,
-                         model_info: dict | None = None, text: str | None = None) -> EvalResult:
+                         model_info: dict | None = None) -> EvalResult:
     """WikiText-2 test perplexity of a loaded model (see the module docstring).
 
     Args:
         lm: a :class:`cap_lab.models.LoadedModel`.
-        seqlen: tokens per window; capped by the model's context length.
-        n_windows: number of windows (paper: 100); ``None`` uses every complete window.
+        settings: ``ppl_seqlen`` (tokens per window, capped by the model's context length)
+            and ``ppl_windows`` (paper: 100; ``None`` uses every complete window) apply.
         data_dir: data folder (default ``$CAP_LAB_DATA``, else the hub).
         out_dir: where the summary and per-window records go (default: the cap_lab cache).
         force: recompute even when a saved result with the same settings exists.
         chunk_size: positions per LM-head chunk.
         progress: show a progress bar.
         model_info: :func:`describe_model` output, when the caller already has it.
-        text: score this text instead of WikiText-2 (tests).
 
     Returns:
         An :class:`EvalResult` with ``metric="perplexity"``; ``details`` holds ``seqlen``,
         ``n_windows``, ``n_tokens`` (tokens in the windows) and ``n_predictions``.
     """
     info = model_info or describe_model(lm)
-    context = context_length(lm.model)
+    seqlen, context = settings.ppl_seqlen, context_length(lm.model)
     used_seqlen = min(seqlen, context) if context else seqlen
-    corpus = load_wikitext2_test(data_dir) if text is None else text
-    ids = tokenize_corpus(lm.tokenizer, corpus)
-    windows = token_windows(ids, used_seqlen, n_windows)
+    ids = tokenize_corpus(lm.tokenizer, load_wikitext2_test(data_dir))
+    windows = token_windows(ids, used_seqlen, settings.ppl_windows)
     payload = {
         "eval_version": EVAL_VERSION, "task": PERPLEXITY_TASK, "mode": "perplexity", "model": info["identity"],
         "dtype": info["dtype"], "device_type": info["device_type"], "seqlen": used_seqlen,

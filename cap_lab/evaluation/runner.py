@@ -1,8 +1,8 @@
 """One call that fills a row of the paper's Table 1: :func:`evaluate`.
 
 ``evaluate(lm, ["gsm8k", "strategyqa", "arc_challenge", "wikitext2"])`` runs chain-of-thought
-accuracy on the three reasoning tasks (``mode="loglik"``: option log-likelihood accuracy on
-StrategyQA and ARC-Challenge instead) and WikiText-2 perplexity, measuring the model's identity
+accuracy on the three reasoning tasks (``EvalSettings(mode="loglik")``: option log-likelihood
+accuracy on StrategyQA and ARC-Challenge instead) and WikiText-2 perplexity, measuring the model's identity
 and sparsity once, and returns ``{task: EvalResult}``. Every task's run is saved and reused
 (:mod:`cap_lab.evaluation.results`). :func:`results_table` formats results for printing.
 """
@@ -17,9 +17,9 @@ from cap_lab.evaluation.cot import cot_accuracy
 from cap_lab.evaluation.loglik import LOGLIK_TASKS, loglik_accuracy
 from cap_lab.evaluation.perplexity import PERPLEXITY_TASK, wikitext2_perplexity
 from cap_lab.evaluation.results import EvalResult, describe_model
+from cap_lab.evaluation.settings import MODES, EvalSettings
 
 EVAL_TASKS = TASKS + (PERPLEXITY_TASK,)
-MODES = ("cot", "loglik")
 
 
 def parse_tasks(tasks: str | list[str] | tuple[str, ...], mode: str = "cot") -> tuple[str, ...]:
@@ -37,10 +37,9 @@ def parse_tasks(tasks: str | list[str] | tuple[str, ...], mode: str = "cot") -> 
     return tuple(dict.fromkeys(names))
 
 
-def evaluate(lm, tasks: str | list[str] | tuple[str, ...] = EVAL_TASKS, *, mode: str = "cot", limit: int | None = None,
-             seed: int = 0, out_dir: str | os.PathLike | None = None, force: bool = False, data_dir=None,
-             batch_size: int = 32, max_new_tokens: int | None = None, prompt_style: str = "auto",
-             ppl_seqlen: int = 2048, ppl_windows: int | None = 100, progress: bool = True) -> dict[str, EvalResult]:
+def evaluate(lm, tasks: str | list[str] | tuple[str, ...] = EVAL_TASKS, settings: EvalSettings = EvalSettings(), *,
+             data_dir=None, out_dir: str | os.PathLike | None = None, force: bool = False,
+             progress: bool = True) -> dict[str, EvalResult]:
     """Evaluate a loaded model on several tasks.
 
     Args:
@@ -48,18 +47,11 @@ def evaluate(lm, tasks: str | list[str] | tuple[str, ...] = EVAL_TASKS, *, mode:
             its folder).
         tasks: names from :data:`EVAL_TASKS` (or a comma-separated string); ``wikitext2``
             gives perplexity.
-        mode: ``cot`` (greedy chain-of-thought accuracy) or ``loglik`` (option log-likelihood
-            accuracy, StrategyQA and ARC-Challenge only) for the reasoning tasks.
-        limit: seeded random subset of this many examples per reasoning task (``None``: all).
-        seed: the subset's seed.
+        settings: how to evaluate (:class:`EvalSettings`: ``mode`` ``cot`` or ``loglik`` for
+            the reasoning tasks, subset size and seed, generation cap, perplexity windows).
+        data_dir: data folder (default ``$CAP_LAB_DATA``, else the hub).
         out_dir: folder for the saved runs (default: the cap_lab cache).
         force: recompute even where a run with the same settings is saved.
-        data_dir: data folder (default ``$CAP_LAB_DATA``, else the hub).
-        batch_size: prompts (CoT) or option sequences (loglik) per forward.
-        max_new_tokens: CoT generation cap (default 512 for GSM8K, 256 otherwise).
-        prompt_style: ``auto``, ``chat`` or ``plain``.
-        ppl_seqlen: WikiText-2 window length (capped by the model's context).
-        ppl_windows: WikiText-2 windows (paper: 100; ``None``: all).
         progress: progress bars.
 
     Returns:
@@ -68,22 +60,19 @@ def evaluate(lm, tasks: str | list[str] | tuple[str, ...] = EVAL_TASKS, *, mode:
     Example::
 
         lm = load_model("smollm2-135m-instruct")
-        results = evaluate(lm, "gsm8k,wikitext2", limit=20, ppl_windows=4, out_dir="runs/dense")
+        results = evaluate(lm, "gsm8k,wikitext2", EvalSettings(limit=20, ppl_windows=4), out_dir="runs/dense")
         print(results_table(results))
     """
-    names = parse_tasks(tasks, mode)
-    info = describe_model(lm)
-    common = dict(limit=limit, seed=seed, data_dir=data_dir, batch_size=batch_size, prompt_style=prompt_style,
-                  out_dir=out_dir, force=force, progress=progress, model_info=info)
+    names = parse_tasks(tasks, settings.mode)
+    common = dict(data_dir=data_dir, out_dir=out_dir, force=force, progress=progress, model_info=describe_model(lm))
     results = {}
     for task in names:
         if task == PERPLEXITY_TASK:
-            results[task] = wikitext2_perplexity(lm, seqlen=ppl_seqlen, n_windows=ppl_windows, data_dir=data_dir,
-                                                 out_dir=out_dir, force=force, progress=progress, model_info=info)
-        elif mode == "cot":
-            results[task] = cot_accuracy(lm, task, max_new_tokens=max_new_tokens, **common)
+            results[task] = wikitext2_perplexity(lm, settings, **common)
+        elif settings.mode == "cot":
+            results[task] = cot_accuracy(lm, task, settings, **common)
         else:
-            results[task] = loglik_accuracy(lm, task, **common)
+            results[task] = loglik_accuracy(lm, task, settings, **common)
     return results
 
 
