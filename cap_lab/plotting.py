@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from matplotlib.figure import Figure
 from scipy.stats import spearmanr
 
 from cap_lab.config import Profile, figures_dir, get_profile, repo_root
+from cap_lab.io import atomic_write, atomic_write_text
 
 MANIFEST = "MANIFEST.json"
 PALETTE = {"dense": "#444444", "magnitude": "#8c8c8c", "wanda": "#1f77b4", "cap": "#d62728"}
@@ -74,11 +74,11 @@ def save_output(obj, filename: str, *, profile: Profile | str | None, model: str
     if isinstance(obj, Figure):
         if path.suffix != ".png":
             raise ValueError(f"figure file {filename!r} must end in .png")
-        obj.savefig(path, dpi=150, bbox_inches="tight")
+        atomic_write(path, lambda tmp: obj.savefig(tmp, format="png", dpi=150, bbox_inches="tight"))
     elif isinstance(obj, pd.DataFrame):
-        obj.to_csv(path, index=False)
+        atomic_write(path, lambda tmp: obj.to_csv(tmp, index=False))
     elif isinstance(obj, str):
-        path.write_text(obj)
+        atomic_write_text(path, obj)
     else:
         raise ValueError(f"cannot save a {type(obj).__name__}; allowed: matplotlib Figure, pandas DataFrame, str")
     entry = dict(git_commit(), profile=profile.name, model=model, description=description,
@@ -92,11 +92,7 @@ def _update_manifest(folder: Path, filename: str, entry: dict) -> None:
     manifest = folder / MANIFEST
     data = json.loads(manifest.read_text()) if manifest.is_file() else {}
     data[filename] = entry
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        json.dump(dict(sorted(data.items())), f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, manifest)
+    atomic_write_text(manifest, json.dumps(dict(sorted(data.items())), indent=2, default=str) + "\n")
 
 
 def read_manifest(folder: str | os.PathLike) -> dict:
@@ -349,6 +345,4 @@ def write_figures_readme(folder: str | os.PathLike, profile: Profile | str | Non
             lines += [(folder / name).read_text() if (folder / name).is_file() else f"[{name}]({name})", ""]
         else:
             lines += [f"[{name}]({name})", ""]
-    path = folder / "README.md"
-    path.write_text("\n".join(lines))
-    return path
+    return atomic_write_text(folder / "README.md", "\n".join(lines))
