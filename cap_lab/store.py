@@ -22,6 +22,7 @@ Example:
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -196,16 +197,20 @@ def save(root: str | os.PathLike, payload: dict, metadata: dict | None = None, *
     if {MANIFEST, TENSORS} & set(files) or any(Path(n).name != n for n in files):
         raise ValueError(f"file names {sorted(files)}: plain names other than {MANIFEST!r} and {TENSORS!r} only")
     folder = entry_folder(root, payload, prefix)
-    with atomic_folder(folder, replace=True) as tmp:
-        for name, text in files.items():
-            (tmp / name).write_text(text, encoding="utf-8")
-        if tensors:
-            from safetensors.torch import save_file
+    try:
+        with atomic_folder(folder, replace=True) as tmp:
+            for name, text in files.items():
+                (tmp / name).write_text(text, encoding="utf-8")
+            if tensors:
+                from safetensors.torch import save_file
 
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
-        names = list(files) + ([TENSORS] if tensors else [])
-        manifest = {"format_version": FORMAT_VERSION, "key": entry_key(payload), "payload": _canonical(payload),
-                    "metadata": _canonical(metadata or {}), "files": file_records(tmp, names)}
-        manifest["sha256"] = _manifest_digest(manifest)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+                save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
+            names = list(files) + ([TENSORS] if tensors else [])
+            manifest = {"format_version": FORMAT_VERSION, "key": entry_key(payload), "payload": _canonical(payload),
+                        "metadata": _canonical(metadata or {}), "files": file_records(tmp, names)}
+            manifest["sha256"] = _manifest_digest(manifest)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    except OSError as e:  # a concurrent save of the same entry renamed its folder in first: keep that one
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not (folder / MANIFEST).is_file():
+            raise
     return folder

@@ -129,3 +129,21 @@ def test_bad_file_names_are_refused(root):
         store.save(root, PAYLOAD, files={"entry.json": "{}"})
     with pytest.raises(ValueError, match="plain names"):
         store.save(root, PAYLOAD, files={"../x.txt": "x"})
+
+
+def test_a_concurrent_save_of_the_same_entry_is_kept(root, monkeypatch):
+    import errno
+    import os
+    import shutil
+
+    _save(root)
+
+    def rename_after_the_other_writer(src, dst):  # the other process renamed its whole copy in first
+        shutil.copytree(src, dst)
+        raise OSError(errno.ENOTEMPTY, "Directory not empty", dst)
+
+    monkeypatch.setattr(os, "rename", rename_after_the_other_writer)
+    assert _save(root) == store.entry_folder(root, PAYLOAD)
+    monkeypatch.undo()
+    assert store.load(root, PAYLOAD, shapes=SHAPES).metadata["note"] == "first"
+    assert [p.name for p in root.iterdir()] == [store.entry_key(PAYLOAD)]  # no temporary folder left
