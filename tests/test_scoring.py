@@ -1,12 +1,15 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cap_lab import cache
-from cap_lab.modeling import get_layout
+from cap_lab import store
 from cap_lab.calibration import CalibrationConfig, build_calibration_set
+from cap_lab.modeling import get_layout
 from cap_lab.scoring import aggregate_scores, head_scores, score_heads_reference
+from cap_lab.scoring.api import scores_root
 
 from conftest import same_state, state_copy
 
@@ -75,12 +78,57 @@ def test_cache_hit_skips_the_model_and_corrupt_entries_are_recomputed(tiny, cali
         assert torch.equal(first.scores, second.scores)
         mean = head_scores(tiny, calib, aggregate="mean", progress=False)
         assert len(calls) == n_first and not torch.equal(mean.scores, first.scores)
-        (cache.entry_dir("scores", first.settings["payload"]) / "tensors.safetensors").write_bytes(b"garbage")
+        (Path(first.settings["path"]) / "tensors.safetensors").write_bytes(b"garbage")
         with pytest.warns(UserWarning, match="corrupt"):
             third = head_scores(tiny, calib, progress=False)
         assert len(calls) > n_first and torch.equal(third.scores, first.scores)
     finally:
         handle.remove()
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # inside the last float: still parses as safetensors
+    path.write_bytes(bytes(data))
+
+
+def _resave(first, **tensors) -> None:
+    """Rewrite the entry with a valid checksum but other tensors (what a buggy writer could leave)."""
+    store.save(scores_root(), first.settings["payload"], {"method": "exact"}, tensors=tensors)
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "NaN losses", "wrong shape", "missing tensor file"])
+def test_a_damaged_score_entry_is_reported_in_one_line_and_recomputed(tiny, calib, damage):
+    first = head_scores(tiny, calib, progress=False)
+    entry = Path(first.settings["path"])
+    if damage == "flipped byte":
+        _flip_a_byte(entry / "tensors.safetensors")
+    elif damage == "NaN losses":
+        _resave(first, masked_losses=torch.full_like(first.masked_losses, float("nan")),
+                intact_losses=first.intact_losses)
+    elif damage == "wrong shape":
+        _resave(first, masked_losses=first.masked_losses[:, :2], intact_losses=first.intact_losses)
+    else:
+        (entry / "tensors.safetensors").unlink()
+    with pytest.warns(UserWarning) as caught:
+        again = head_scores(tiny, calib, progress=False)
+    messages = [str(w.message) for w in caught if "cap_lab" in str(w.message)]
+    assert len(messages) == 1 and "\n" not in messages[0] and str(entry) in messages[0]
+    assert torch.equal(again.scores, first.scores) and torch.isfinite(again.masked_losses).all()
+    assert torch.equal(head_scores(tiny, calib, progress=False).scores, first.scores)  # the entry was repaired
+
+
+def test_a_changed_chat_template_is_a_new_score_entry(tiny, data_dir):
+    """Same weights and settings, other tokens: the cache must not serve the old scores."""
+    config = CalibrationConfig(n_per_task=2, n_subsets=2, max_length=32)
+    before = head_scores(tiny, build_calibration_set(tiny.tokenizer, config, data_dir), progress=False)
+    tiny.tokenizer.chat_template = tiny.tokenizer.chat_template.replace("<assistant>", "<bot>")
+    calib = build_calibration_set(tiny.tokenizer, config, data_dir)
+    after = head_scores(tiny, calib, progress=False)
+    assert after.settings["key"] != before.settings["key"]
+    assert not torch.allclose(after.scores, before.scores, atol=1e-3)  # stale scores would be visibly wrong
+    torch.testing.assert_close(after.scores, score_heads_reference(tiny.model, calib, progress=False).scores,
+                               atol=1e-5, rtol=0)
 
 
 def test_cache_key_changes_with_settings(tiny, data_dir):

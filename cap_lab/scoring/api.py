@@ -21,9 +21,12 @@ from __future__ import annotations
 import shutil
 from dataclasses import replace
 from datetime import datetime, timezone
+from pathlib import Path
 
-from cap_lab import cache
+from cap_lab import store
 from cap_lab.calibration import CalibrationSet
+from cap_lab.modeling import get_layout
+from cap_lab.models import cache_root
 from cap_lab.scoring.attribution import score_heads_attribution
 from cap_lab.scoring.exact import score_heads_exact
 from cap_lab.scoring.reference import score_heads_reference
@@ -40,9 +43,14 @@ def score_payload(identity: dict, calib: CalibrationSet, method: str) -> dict:
             "tokens_sha256": calib.token_digest(), "method": method, "scoring_version": SCORING_VERSION}
 
 
-def progress_dir(payload: dict, cache_dir=None):
+def scores_root(cache_dir=None) -> Path:
+    """Folder of the score entries: ``<cache_dir or cache_root()>/scores``."""
+    return Path(cache_dir or cache_root()) / "scores"
+
+
+def progress_dir(payload: dict, cache_dir=None) -> Path:
     """Folder of the per-layer progress of an unfinished ``exact`` run (beside its cache entry)."""
-    entry = cache.entry_dir("scores", payload, cache_dir)
+    entry = store.entry_folder(scores_root(cache_dir), payload)
     return entry.with_name(entry.name + ".progress")
 
 
@@ -53,7 +61,9 @@ def head_scores(
 ) -> HeadScores:
     """Causal head scores of a loaded model, read from the score cache when present.
 
-    The cache key is :func:`score_payload` (see the module docstring). An ``exact`` run writes
+    The cache key is :func:`score_payload` (see the module docstring). An entry is served only
+    if its checksums hold and its losses are finite with shapes (K, L, H) and (K,); a damaged
+    one is reported in one line and recomputed (:mod:`cap_lab.store`). An ``exact`` run writes
     its progress per layer beside the entry (:func:`progress_dir`); a run stopped midway
     resumes there, and the progress is removed once the entry is written.
 
@@ -75,10 +85,13 @@ def head_scores(
         raise ValueError(f"scoring method {method!r}; allowed: {', '.join(SCORING_METHODS)}")
     check_aggregate(aggregate)
     payload = score_payload(lm.identity(), calib, method)
+    layout, k = get_layout(lm.model), calib.config.n_subsets
+    shapes = {"masked_losses": (k, layout.num_layers, layout.num_heads), "intact_losses": (k,)}
     if use_cache and not force:
-        hit = cache.load_entry("scores", payload, cache_dir)
+        hit = store.load(scores_root(cache_dir), payload, shapes=shapes)
         if hit is not None:
-            settings, t = hit
+            t = hit.tensors
+            settings = dict(hit.metadata, payload=hit.payload, key=hit.folder.name, path=str(hit.folder))
             return HeadScores(aggregate_scores(t["masked_losses"], t["intact_losses"], aggregate),
                               t["masked_losses"], t["intact_losses"], aggregate, settings)
     checkpoints = progress_dir(payload, cache_dir) if use_cache else None
@@ -94,8 +107,8 @@ def head_scores(
     settings = dict(result.settings, method=method, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     n_tokens=calib.n_tokens, n_target_tokens=calib.n_target_tokens)
     if use_cache:
-        folder = cache.save_entry("scores", payload, settings,
-                                  {"masked_losses": result.masked_losses, "intact_losses": result.intact_losses}, cache_dir)
+        folder = store.save(scores_root(cache_dir), payload, settings,
+                            tensors={"masked_losses": result.masked_losses, "intact_losses": result.intact_losses})
         shutil.rmtree(checkpoints, ignore_errors=True)
         settings = dict(settings, payload=payload, key=folder.name, path=str(folder))
     return replace(result, settings=settings)
