@@ -47,6 +47,19 @@ _FILES = {
     ("wikitext2", "test"): "wikitext2_raw/wiki.test.raw",
 }
 LAYOUT_HELP = "expected layout under the data dir: " + ", ".join(sorted(set(_FILES.values())))
+NO_DATA_SOURCE_HELP = (
+    "no data source: set CAP_LAB_DATA or pass --data-dir (data_dir=) to a data folder ("
+    + LAYOUT_HELP + "), or install `datasets` (pip install datasets) to download from the Hugging Face hub"
+)
+
+
+def _hub_load_dataset():
+    """``datasets.load_dataset``, or an ImportError that says how to give a data dir instead."""
+    try:
+        from datasets import load_dataset
+    except ImportError as e:
+        raise ImportError(NO_DATA_SOURCE_HELP) from e
+    return load_dataset
 
 
 @dataclass(frozen=True)
@@ -147,7 +160,7 @@ def _from_disk(data_dir: Path, task: str, split: str) -> list[Example]:
 
 
 def _from_hub(task: str, split: str) -> list[Example]:  # pragma: no cover - needs network
-    from datasets import load_dataset
+    load_dataset = _hub_load_dataset()
 
     if task == "gsm8k":
         return _gsm8k(list(load_dataset("openai/gsm8k", "main", split=split)), split)
@@ -187,8 +200,7 @@ def load_wikitext2_test(data_dir: str | os.PathLike | None = None) -> str:
     """
     root = resolve_data_dir(data_dir)
     if root is None:  # pragma: no cover - needs network
-        from datasets import load_dataset
-
+        load_dataset = _hub_load_dataset()
         rows = list(load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"])
     else:
         raw = _data_file(root, "wikitext2", "test").read_text(encoding="utf-8")
