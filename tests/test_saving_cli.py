@@ -38,23 +38,30 @@ def test_cli_score_then_prune_on_a_local_model(tiny_dir, data_dir, tmp_path, cap
     assert main(["score", *common, "--out", str(tmp_path / "s.json")]) == 0
     scores = json.loads((tmp_path / "s.json").read_text())
     assert len(scores["scores"]) == 3 and len(scores["scores"][0]) == 4
+    assert scores["model"]["name"] == str(tiny_dir) and scores["model"]["dtype"] == "float32"
+    assert scores["calibration"]["n_per_task"] == 2 and scores["method"] == "exact"
     assert "written to" in capsys.readouterr().out
     for method in ("cap", "wanda"):
         out = tmp_path / f"p-{method}"
         assert main(["prune", *common, "--method", method, "--sparsity", "0.2", "--scores", str(tmp_path / "s.json"), "--out", str(out)]) == 0
         info = read_prune_info(out)
         assert info["method"] == method and abs(info["achieved_sparsity"] - 0.2) < 0.02  # wanda floors int(in * s) per row
-        assert info["source_model"]["name"] == str(tiny_dir)
+        assert info["source_model"] == {k: scores["model"][k] for k in ("name", "fingerprint")}
+    cap = read_prune_info(tmp_path / "p-cap")
+    assert cap["scores"]["file"] == str(tmp_path / "s.json") and cap["scores"]["model"] == scores["model"]
+    assert cap["calibration"] == scores["calibration"] and cap["score_cache_key"] == scores["settings"]["key"]
+    assert read_prune_info(tmp_path / "p-wanda")["scores"] is None  # --scores is not used by wanda (a warning says so)
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["prune", "--sparsity", "1.5", "--out", "x"], "sparsity=1.5"),
+    (["prune", "--sparsity", "1.5", "--out", "x"], "argument --sparsity: 1.5 is outside [0, 1)"),
     (["prune", "--sparsity", "0.2", "--method", "obd", "--out", "x"], "'obd'"),
     (["score", "--calib-per-task", "2", "--subsets", "3"], "n_per_task=2"),
     (["score", "--model", "./no-such-model", "--calib-per-task", "2", "--subsets", "2"], "no-such-model"),
 ])
-def test_cli_bad_input_exits_nonzero_with_one_line(args, needle, capsys, monkeypatch):
+def test_cli_bad_input_exits_nonzero_with_one_line(args, needle, data_dir, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("CAP_LAB_DATA", str(data_dir))
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("cap-lab: error:") and needle in err and "\n" not in err and "Traceback" not in err

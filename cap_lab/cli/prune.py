@@ -1,15 +1,26 @@
-"""``cap-lab prune``: prune a model with CAP or a baseline and save the checkpoint."""
+"""``cap-lab prune``: prune a model with CAP or a baseline and save the checkpoint.
+
+Before loading the model it checks ``--out`` (:func:`cap_lab.saving.check_output_folder`: a
+new folder, or with ``--overwrite`` a checkpoint cap_lab wrote), the ``--scores`` file (valid,
+finite) and the data source; right after loading, that the scores were computed on these
+weights (same fingerprint) before any calibration or pruning work.
+
+``cap_lab.json`` records where the scores came from (``scores``: file, method, aggregate,
+calibration...) and, as ``calibration``, the calibration settings that produced what was used:
+the scores' own for ``cap`` (from the scores file, not this command's calibration flags, which
+``--scores`` leaves unused), the calibration set built here for ``wanda``.
+"""
 from __future__ import annotations
 
-import json
+import sys
 import time
 
-import torch
-
 from cap_lab.calibration import build_calibration_set
+from cap_lab.cli.checks import check_data_source, fraction
 from cap_lab.cli.common import add_calibration_args, add_model_args, calibration_config_from_args, load_model_from_args
+from cap_lab.cli.scores_json import check_scores_fit, read_scores_json, score_provenance
 from cap_lab.pruning import KV_REDUCE, MAGNITUDE_SCOPES, PRUNE_METHODS, PruneConfig, prune_model, sparsity_by
-from cap_lab.saving import save_pruned
+from cap_lab.saving import check_output_folder, save_pruned
 from cap_lab.scoring import head_scores
 
 
@@ -17,41 +28,54 @@ def add_parser(sub) -> None:
     p = sub.add_parser("prune", help="prune a model and save it")
     add_model_args(p)
     add_calibration_args(p)
-    p.add_argument("--method", default="cap", help=f"one of {', '.join(PRUNE_METHODS)}")
-    p.add_argument("--sparsity", type=float, required=True, help="target sparsity in [0, 1)")
-    p.add_argument("--kv-reduce", default="mean", help=f"GQA k/v factor: {', '.join(KV_REDUCE)}")
-    p.add_argument("--magnitude-scope", default="global", help=f"{', '.join(MAGNITUDE_SCOPES)}")
-    p.add_argument("--scores", default=None, help="scores.json from `cap-lab score` (else scored/cached here)")
-    p.add_argument("--out", required=True, help="output folder for the pruned checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--method", choices=PRUNE_METHODS, default="cap", help=f"one of {', '.join(PRUNE_METHODS)}")
+    p.add_argument("--sparsity", type=fraction, required=True, help="target sparsity in [0, 1)")
+    p.add_argument("--kv-reduce", choices=KV_REDUCE, default="mean", help=f"GQA k/v factor: {', '.join(KV_REDUCE)}")
+    p.add_argument("--magnitude-scope", choices=MAGNITUDE_SCOPES, default="global", help=f"{', '.join(MAGNITUDE_SCOPES)}")
+    p.add_argument("--scores", default=None,
+                   help="scores JSON from `cap-lab score` on the same model (--method cap; else scored/cached here, "
+                        "and the calibration flags are unused)")
+    p.add_argument("--out", required=True, help="output folder for the pruned checkpoint (a new folder)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is a checkpoint written by cap_lab (never any other folder)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     config = PruneConfig(method=args.method, sparsity=args.sparsity, kv_reduce=args.kv_reduce,
                          magnitude_scope=args.magnitude_scope, seed=args.seed)
+    if args.scores and config.method != "cap":
+        print(f"cap-lab: warning: --scores is used by --method cap only; {config.method} ignores it", file=sys.stderr)
     calib_config = calibration_config_from_args(args)
+    out = check_output_folder(args.out, args.overwrite)  # every check before the slow load
+    scores_file = read_scores_json(args.scores) if args.scores and config.method == "cap" else None
+    needs_calib = config.method == "wanda" or (config.method == "cap" and scores_file is None)
+    if needs_calib:
+        check_data_source(args.data_dir)
     start = time.perf_counter()
     lm = load_model_from_args(args)
-    calib, scores, score_key = None, None, None
-    if config.method in ("cap", "wanda"):
-        calib = build_calibration_set(lm.tokenizer, calib_config, args.data_dir)
-    if config.method == "cap":
-        if args.scores:
-            data = json.loads(open(args.scores).read())
-            scores = torch.tensor(data["scores"])
-            score_key = data.get("settings", {}).get("key")
-        else:
-            result = head_scores(lm, calib, batch_size=args.batch_size)
-            scores, score_key = result.scores, result.settings.get("key")
+    if scores_file is not None:
+        check_scores_fit(scores_file, lm)
+        if scores_file.model is None:
+            print(f"cap-lab: warning: {scores_file.path} does not record the model it was computed on; "
+                  "its scores are used unchecked", file=sys.stderr)
     source_identity = lm.identity()
+    calib, scores, provenance = None, None, None
+    if needs_calib:
+        calib = build_calibration_set(lm.tokenizer, calib_config, args.data_dir)
+    if scores_file is not None:
+        scores, provenance = scores_file.scores, dict(scores_file.provenance, model=scores_file.model)
+    elif config.method == "cap":
+        result = head_scores(lm, calib, batch_size=args.batch_size)
+        scores, provenance = result.scores, dict(score_provenance(result, calib), model=source_identity)
     result = prune_model(lm.model, config, head_scores=scores, calib=calib, batch_size=args.batch_size)
     by_matrix = sparsity_by(result.report, "matrix")
     print(by_matrix.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     print(f"{config.method}: target sparsity {config.sparsity:.4f}, achieved {result.achieved_sparsity:.6f} "
           f"of {result.total} prunable weights")
-    meta = dict(result.summary(), source_model=source_identity, score_cache_key=score_key,
-                calibration=calib_config.to_dict() if calib is not None else None)
-    path = save_pruned(lm.model, lm.tokenizer, args.out, meta, overwrite=args.overwrite)
+    calibration = provenance["calibration"] if provenance else calib.config.to_dict() if calib is not None else None
+    meta = dict(result.summary(), source_model=source_identity, scores=provenance, calibration=calibration,
+                score_cache_key=provenance["cache_key"] if provenance else None)
+    path = save_pruned(lm.model, lm.tokenizer, out, meta, overwrite=args.overwrite)
     print(f"pruned checkpoint written to {path} in {time.perf_counter() - start:.1f} s")
     return 0

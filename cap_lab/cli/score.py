@@ -1,12 +1,19 @@
-"""``cap-lab score``: causal head scores of a model on the calibration set."""
+"""``cap-lab score``: causal head scores of a model on the calibration set.
+
+Writes the scores JSON of :mod:`cap_lab.cli.scores_json` (atomically) to ``--out``, with the
+scored model's identity, so ``cap-lab prune --scores`` can refuse scores of another model.
+"""
 from __future__ import annotations
 
 import json
+import sys
 import time
-from pathlib import Path
 
 from cap_lab.calibration import build_calibration_set
+from cap_lab.cli.checks import check_data_source, check_output_file, positive_float
 from cap_lab.cli.common import add_calibration_args, add_model_args, calibration_config_from_args, load_model_from_args
+from cap_lab.cli.scores_json import scores_to_json
+from cap_lab.io import atomic_write_text
 from cap_lab.scoring import AGGREGATES, SCORING_METHODS, head_scores
 
 
@@ -14,32 +21,22 @@ def add_parser(sub) -> None:
     p = sub.add_parser("score", help="score every attention head by masking it (paper Eq. 1-2); resumes if interrupted")
     add_model_args(p)
     add_calibration_args(p)
-    p.add_argument("--method", default="exact",
+    p.add_argument("--method", choices=SCORING_METHODS, default="exact",
                    help=f"one of {', '.join(SCORING_METHODS)} (default exact: fast, same numbers as reference; "
                         "attribution: one backward, an approximation)")
-    p.add_argument("--aggregate", default="median", help=f"one of {', '.join(AGGREGATES)}")
-    p.add_argument("--memory-budget-mb", type=float, default=None,
+    p.add_argument("--aggregate", choices=AGGREGATES, default="median", help=f"one of {', '.join(AGGREGATES)}")
+    p.add_argument("--memory-budget-mb", type=positive_float, default=None,
                    help="activation memory per masked pass of the exact scorer (default: 1024 on CPU, half the free GPU memory)")
-    p.add_argument("--out", default="scores.json", help="where to write the scores (JSON)")
+    p.add_argument("--out", default="scores.json", help="the JSON file to write the scores to")
     p.add_argument("--force", action="store_true", help="recompute even if cached")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the score cache")
     p.set_defaults(run=run)
 
 
-def scores_to_json(result, model_name: str) -> dict:
-    return {"model": model_name, "aggregate": result.aggregate, "scores": result.scores.tolist(),
-            "intact_losses": result.intact_losses.tolist(), "masked_losses": result.masked_losses.tolist(),
-            "settings": result.settings}
-
-
 def run(args) -> int:
-    config = calibration_config_from_args(args)  # validates before the slow load
-    if args.method not in SCORING_METHODS:
-        raise ValueError(f"scoring method {args.method!r}; allowed: {', '.join(SCORING_METHODS)}")
-    if args.aggregate not in AGGREGATES:
-        raise ValueError(f"aggregate={args.aggregate!r}; allowed: {', '.join(AGGREGATES)}")
-    if args.memory_budget_mb is not None and args.memory_budget_mb <= 0:
-        raise ValueError(f"--memory-budget-mb={args.memory_budget_mb}; must be > 0")
+    config = calibration_config_from_args(args)  # every check before the slow load
+    out = check_output_file(args.out)
+    check_data_source(args.data_dir)
     budget = None if args.memory_budget_mb is None else int(args.memory_budget_mb * 2**20)
     start = time.perf_counter()
     lm = load_model_from_args(args)
@@ -48,15 +45,17 @@ def run(args) -> int:
           f"K={config.n_subsets}, style={calib.style}")
     result = head_scores(lm, calib, method=args.method, aggregate=args.aggregate, batch_size=args.batch_size,
                          memory_budget=budget, use_cache=not args.no_cache, force=args.force)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(scores_to_json(result, lm.name), indent=1, default=str))
+    atomic_write_text(out, json.dumps(scores_to_json(result, lm, calib), indent=1, default=str))
     s = result.scores
+    if not s.isfinite().all():
+        print(f"cap-lab: warning: {int((~s.isfinite()).sum())} of {s.numel()} scores are NaN or infinite; "
+              "cap-lab prune will refuse them", file=sys.stderr)
     flat = s.flatten().argsort(descending=True)[:5]
     top = ", ".join(f"L{int(i) // s.shape[1]}H{int(i) % s.shape[1]}={float(s.flatten()[i]):+.4f}" for i in flat)
     print(f"intact loss per subset: {[round(float(x), 4) for x in result.intact_losses]}")
     print(f"top heads: {top}")
-    print(f"scores ({s.shape[0]} layers x {s.shape[1]} heads) written to {out} in {time.perf_counter() - start:.1f} s")
+    print(f"scores ({s.shape[0]} layers x {s.shape[1]} heads) of model {lm.name} (fingerprint {lm.fingerprint}) "
+          f"written to {out} in {time.perf_counter() - start:.1f} s")
     if "path" in result.settings:
         print(f"score cache entry: {result.settings['path']}")
     return 0
