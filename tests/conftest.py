@@ -39,6 +39,16 @@ def tiny():
     return tiny_random_model("llama", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """The ``tiny`` model (3 layers x 4 heads) saved as a local model folder; read-only."""
+    lm = tiny_random_model("llama", seed=0)
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder
+
+
 def _gsm(i: int) -> dict:
     a, b = 3 + i, 4 + 2 * i
     return {"question": f"Tom has {a} apples and buys {b} more{' today' * (i % 4)}. How many apples does he have?",

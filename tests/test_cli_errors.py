@@ -18,15 +18,6 @@ from cap_lab.saving import check_can_create, check_output_folder, read_prune_inf
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    lm = tiny_random_model("llama", seed=0)  # 3 layers x 4 heads
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def tiny_fingerprint(tiny_dir):
     return load_model(str(tiny_dir), device="cpu").fingerprint
 
@@ -326,3 +317,15 @@ def test_bad_flag_values_name_the_flag_and_what_is_allowed(argv, needles, capsys
 def test_help_exits_zero(capsys):
     assert main(["prune", "--help"]) == 0
     assert "--overwrite" in capsys.readouterr().out
+
+
+def test_a_transformers_release_that_cannot_be_replayed_is_one_line(tiny_dir, data_dir, tmp_path, monkeypatch, capsys):
+    from cap_lab.modeling import ReplayError
+
+    def unsupported(*args, **kwargs):
+        raise ReplayError("decoder layer 0 got 'cache' of type Odd (transformers 9.9.9); cap_lab cannot replay")
+
+    monkeypatch.setattr("cap_lab.cli.score.head_scores", unsupported)
+    line = one_error_line(["score", "--model", tiny_dir, "--data-dir", data_dir, "--calib-per-task", 2, "--subsets", 2,
+                           "--max-length", 32, "--out", tmp_path / "s.json"], capsys, after_load=True)
+    assert "transformers 9.9.9" in line

@@ -25,14 +25,6 @@ def test_save_reload_keeps_zeros_and_config(tmp_path):
         save_pruned(lm.model, lm.tokenizer, out)
 
 
-@pytest.fixture
-def tiny_dir(tmp_path):
-    lm = tiny_random_model("llama")
-    lm.model.save_pretrained(tmp_path / "tiny")
-    lm.tokenizer.save_pretrained(tmp_path / "tiny")
-    return tmp_path / "tiny"
-
-
 def test_cli_score_then_prune_on_a_local_model(tiny_dir, data_dir, tmp_path, capsys):
     common = ["--model", str(tiny_dir), "--data-dir", str(data_dir), "--calib-per-task", "2", "--subsets", "2", "--max-length", "32"]
     assert main(["score", *common, "--out", str(tmp_path / "s.json")]) == 0

@@ -8,7 +8,8 @@ User mistakes (bad values, missing files or packages, unwritable outputs) end wi
 ``cap-lab: error: ...`` line on stderr and exit status 2, never a traceback, and are found
 before any slow work (loading the model, building the calibration set, scoring). A bad flag
 value is reported by argparse (its ``type=`` checks name the flag and the allowed range) in the
-same one-line form.
+same one-line form. So is :class:`cap_lab.modeling.ReplayError`: an installed transformers
+release whose decoder layers cap_lab cannot replay faithfully (the message names the version).
 """
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ import argparse
 import importlib
 import sys
 
+from cap_lab.modeling.replay import ReplayError
+
 COMMANDS = ("score", "prune", "eval")
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, ImportError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, ImportError, ReplayError)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
