@@ -22,7 +22,7 @@ A notebook picks its profile with its ``profile`` parameter; ``None`` means the
 
     >>> from cap_lab.config import get_profile
     >>> get_profile("ci").sparsities
-    (0.5,)
+    (0.1, 0.2, 0.5)
 """
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ from cap_lab.models import DEFAULT_MODEL, LoadedModel, load_model, tiny_random_m
 DEFAULT_PROFILE = "cpu"
 #: the pruning methods of Table 1's rows, besides Dense (a subset of cap_lab.pruning.PRUNE_METHODS)
 TABLE1_METHODS = ("magnitude", "wanda", "cap")
+#: the paper's sparsities (Table 1's columns), used by every profile that builds Table 1
+TABLE1_SPARSITIES = (0.1, 0.2, 0.5)
 TINY_PREFIX = "tiny-"  # "tiny-llama", "tiny-gemma3": seeded random test models
 
 
@@ -119,7 +121,7 @@ class Profile:
     compare_scoring: tuple[str, ...] = ("attribution",)
     magnitude_scope: str = "layer"
     methods: tuple[str, ...] = TABLE1_METHODS
-    sparsities: tuple[float, ...] = (0.1, 0.2, 0.5)
+    sparsities: tuple[float, ...] = TABLE1_SPARSITIES
     eval: EvalPlan = field(default_factory=EvalPlan)
     explorer_sparsities: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
     figures_dir: str = "figures"
@@ -156,7 +158,7 @@ PROFILES: dict[str, Profile] = {
             models=("tiny-llama",),
             calibration=CalibrationConfig(n_per_task=4, n_subsets=2, max_length=64),
             score_method="exact",
-            sparsities=(0.2, 0.5),
+            sparsities=TABLE1_SPARSITIES,
             eval=EvalPlan(loglik_limit=3, cot_limit=1, cot_max_new_tokens=8, ppl_seqlen=32, ppl_windows=1, batch_size=4),
             figures_dir="executed/figures-tiny",
             description="seeded random tiny Llama: plumbing only (tests, browser test)",
@@ -167,7 +169,7 @@ PROFILES: dict[str, Profile] = {
             calibration=CalibrationConfig(n_per_task=2, n_subsets=2, max_length=64),
             score_method="attribution",  # exact: ~0.7 s per calibration token here, x2 seeds: ~9 min
             compare_scoring=(),
-            sparsities=(0.5,),
+            sparsities=TABLE1_SPARSITIES,
             eval=EvalPlan(cot_tasks=("gsm8k",), loglik_limit=2, cot_limit=1, cot_max_new_tokens=8, ppl_seqlen=128,
                               ppl_windows=1, batch_size=4),
             explorer_sparsities=(0.2, 0.5),
@@ -181,7 +183,7 @@ PROFILES: dict[str, Profile] = {
             # twice (notebook 02 scores a second seed): 64-token items keep it near 20 minutes
             calibration=CalibrationConfig(n_per_task=3, n_subsets=3, max_length=64),
             score_method="exact",
-            sparsities=(0.2, 0.5),
+            sparsities=TABLE1_SPARSITIES,
             eval=EvalPlan(cot_tasks=("gsm8k",), loglik_limit=40, cot_limit=8, cot_max_new_tokens=96, ppl_seqlen=512,
                               ppl_windows=4, batch_size=8),
             figures_dir="figures",

@@ -251,6 +251,34 @@ def accuracy_vs_sparsity(results: pd.DataFrame, *, model: str, profile=None) -> 
     return fig
 
 
+def paired_differences(paired: pd.DataFrame, *, model: str, profile=None) -> Figure:
+    """Paired differences with their 95% intervals (:func:`cap_lab.tables.paired_differences`).
+
+    One panel per comparison (CAP - Wanda, CAP - dense, Wanda - dense), one row per task, mode
+    and sparsity; accuracy in points, WikiText-2 as mean NLL in nats/token (x100 so both fit one
+    axis: a row's label says which). An interval that excludes 0 is drawn filled.
+    """
+    df = paired[paired["model"] == model] if "model" in paired else paired
+    pairs = list(dict.fromkeys(zip(df["a"], df["b"])))
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.4 * len(pairs), 0.45 * max(4, len(df) / max(1, len(pairs))) + 1.2),
+                             squeeze=False, sharey=True)
+    for ax, (a, b) in zip(axes.flat, pairs):
+        part = df[(df["a"] == a) & (df["b"] == b)].sort_values(["mode", "task", "sparsity"])
+        labels = [f"{t} ({'NLL x100' if m == 'ppl' else m}) {s:.0%}" for t, m, s in zip(part["task"], part["mode"], part["sparsity"])]
+        y = range(len(part))
+        for i, row in enumerate(part.itertuples()):
+            significant = row.ci_low > 0 or row.ci_high < 0
+            ax.errorbar(100 * row.delta, i, xerr=[[100 * (row.delta - row.ci_low)], [100 * (row.ci_high - row.delta)]],
+                        fmt="o", mfc=PALETTE.get(a, "C0") if significant else "white", color=PALETTE.get(a, "C0"), capsize=3)
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_yticks(list(y), labels, fontsize=7)
+        ax.set(title=f"{a} - {b}", xlabel="difference (points; NLL: nats/token x100)")
+    fig.suptitle(f"Paired differences, 95% bootstrap intervals (filled: excludes 0): {model}")
+    _note(fig, model, profile)
+    fig.tight_layout()
+    return fig
+
+
 def layer_sparsity(layers: pd.DataFrame, *, model: str, sparsity: float, profile=None, methods=("wanda", "cap")) -> Figure:
     """Achieved sparsity of each layer for each method at one target sparsity."""
     df = layers[(layers["model"] == model) & np.isclose(layers["sparsity"], sparsity) & layers["method"].isin(methods)]

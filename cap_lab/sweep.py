@@ -197,11 +197,10 @@ def _rows(results: dict, mode: str) -> list[dict]:
     nan = float("nan")
     rows = []
     for task, r in results.items():
-        d = r.to_dict() if hasattr(r, "to_dict") else dict(r)
-        low, high = d.get("ci_low"), d.get("ci_high")
-        rows.append({"task": task, "mode": mode, "metric": d.get("metric"), "value": float(d["value"]),
+        low, high = r.ci_low, r.ci_high
+        rows.append({"task": task, "mode": mode, "metric": r.metric, "value": float(r.value),
                      "ci_low": nan if low is None else float(low), "ci_high": nan if high is None else float(high),
-                     "n": int(d.get("n") or 0)})
+                     "n": int(r.n or 0), "outcomes": r.outcomes()})
     return rows
 
 
@@ -229,9 +228,11 @@ def evaluate_model(lm: LoadedModel, profile: Profile, *, data_dir=None, progress
         ppl: also WikiText-2 perplexity.
 
     Returns:
-        Rows ``{task, mode, metric, value, ci_low, ci_high, n}``: ``mode`` is ``loglik``
-        (accuracy of the likeliest option), ``cot`` (greedy chain-of-thought accuracy, strict)
-        or ``ppl`` (WikiText-2 perplexity). A missing interval is NaN.
+        Rows ``{task, mode, metric, value, ci_low, ci_high, n, outcomes}``: ``mode`` is
+        ``loglik`` (accuracy of the likeliest option), ``cot`` (greedy chain-of-thought
+        accuracy, strict) or ``ppl`` (WikiText-2 perplexity); a missing interval is NaN;
+        ``outcomes`` maps each example (window) to its outcome (:meth:`EvalResult.outcomes`),
+        for paired comparisons between cells.
     """
     plan = profile.eval
     loglik = list(loglik if loglik is not None else loglik_tasks(plan.tasks))
@@ -248,8 +249,11 @@ def evaluate_model(lm: LoadedModel, profile: Profile, *, data_dir=None, progress
 
 
 # ------------------------------------------------------------------ one cell, one model
+CELL_VERSION = "2"  # 2: rows carry per-example outcomes
+
+
 def _cell_payload(ctx: SweepContext, cell: SweepCell) -> dict:
-    return dict(_prune_payload(ctx, cell), eval=evaluate_settings(ctx.profile))
+    return dict(_prune_payload(ctx, cell), eval=evaluate_settings(ctx.profile), cell_version=CELL_VERSION)
 
 
 def run_cell(ctx: SweepContext, cell: SweepCell, *, force: bool = False, progress: bool = False) -> dict:
@@ -324,56 +328,3 @@ class SweepResult:
 
 
 RESULT_COLUMNS = ["model", "method", "sparsity", "achieved_sparsity", "task", "mode", "metric", "value", "ci_low", "ci_high", "n"]
-METHOD_NAMES = {DENSE: "Dense", "magnitude": "Magnitude", "wanda": "Wanda", "cap": "CAP"}
-TASK_NAMES = {"gsm8k": "GSM8K", "strategyqa": "StrategyQA", "arc_challenge": "ARC-C.", "wikitext2": "WikiText-2"}
-
-
-def _cell_text(value: float, low: float, high: float, mode: str) -> str:
-    if mode == "ppl":
-        return f"{value:.2f} [{low:.2f}, {high:.2f}]"
-    return f"{100 * value:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
-
-
-def table1(results: pd.DataFrame) -> pd.DataFrame:
-    """Table 1: one row per (model, method, sparsity), one column per task and mode.
-
-    Accuracies are in percent, perplexity as is, each followed by its confidence interval.
-    """
-    df = results.copy()
-    df["column"] = [f"{TASK_NAMES.get(t, t)} ({m})" if m != "ppl" else "WikiText-2 ppl" for t, m in zip(df["task"], df["mode"])]
-    df["text"] = [_cell_text(v, lo, hi, m) for v, lo, hi, m in zip(df["value"], df["ci_low"], df["ci_high"], df["mode"])]
-    order = {m: i for i, m in enumerate(METHOD_NAMES)}
-    df["_order"] = df["method"].map(order)
-    wide = df.pivot_table(index=["model", "sparsity", "_order", "method"], columns="column", values="text", aggfunc="first")
-    wide = wide.reset_index().sort_values(["model", "sparsity", "_order"]).drop(columns="_order")
-    wide["method"] = wide["method"].map(METHOD_NAMES)
-    wide["sparsity"] = [f"{s:.0%}" for s in wide["sparsity"]]
-    cols = [c for mode in ("loglik", "cot") for t in TASK_NAMES.values() for c in [f"{t} ({mode})"] if c in wide.columns]
-    wide = wide[["model", "method", "sparsity"] + cols + [c for c in ["WikiText-2 ppl"] if c in wide.columns]]
-    wide.columns.name = None
-    return wide.reset_index(drop=True)
-
-
-def cap_vs_wanda(results: pd.DataFrame) -> pd.DataFrame:
-    """CAP minus Wanda at each (model, sparsity, task, mode), with whether the CIs overlap.
-
-    ``better`` is from CAP's side: higher accuracy, lower perplexity.
-    """
-    key = ["model", "sparsity", "task", "mode"]
-    cap = results[results["method"] == "cap"].set_index(key)
-    wanda = results[results["method"] == "wanda"].set_index(key)
-    both = cap.join(wanda, lsuffix="_cap", rsuffix="_wanda", how="inner")
-    out = pd.DataFrame({"cap": both["value_cap"], "wanda": both["value_wanda"]})
-    out["difference"] = out["cap"] - out["wanda"]
-    lower_is_better = both.index.get_level_values("mode") == "ppl"
-    out["cap_better"] = [(d < 0) if low else (d > 0) for d, low in zip(out["difference"], lower_is_better)]
-    out["cis_overlap"] = (both["ci_low_cap"] <= both["ci_high_wanda"]) & (both["ci_low_wanda"] <= both["ci_high_cap"])
-    return out.reset_index()
-
-
-def markdown_table(df: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table of ``df`` (no index)."""
-    cells = [[str(c) for c in df.columns]] + [[str(v) for v in row] for row in df.itertuples(index=False)]
-    lines = ["| " + " | ".join(r) + " |" for r in cells]
-    lines.insert(1, "|" + "|".join("---" for _ in df.columns) + "|")
-    return "\n".join(lines) + "\n"

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import matplotlib
 
@@ -11,11 +11,25 @@ import pandas as pd
 import pytest
 import torch
 
-from cap_lab import plotting, sweep
+from cap_lab import plotting, sweep, tables
 from cap_lab.config import PROFILES, figures_dir, get_profile, load_profile_model
 from cap_lab.pruning import PruneConfig, prune_model
 
 TINY = get_profile("tiny")
+
+
+@dataclass(frozen=True)
+class FakeResult:
+    """What the sweep reads of an EvalResult."""
+
+    metric: str
+    value: float
+    ci_low: float
+    ci_high: float
+    n: int
+
+    def outcomes(self) -> dict:
+        return {f"q{i}": int(i < round(self.value * self.n)) for i in range(self.n)}
 
 
 def fake_evaluate(calls: list):
@@ -27,7 +41,7 @@ def fake_evaluate(calls: list):
         out = {}
         for t in tasks:
             v = 1.0 + 10 * zeros if t == "wikitext2" else 0.5 - zeros / 2
-            out[t] = {"metric": "ppl" if t == "wikitext2" else "accuracy", "value": v, "ci_low": v * 0.9, "ci_high": v * 1.1, "n": 3}
+            out[t] = FakeResult("ppl" if t == "wikitext2" else "accuracy", v, v * 0.9, v * 1.1, 3)
         return out
 
     return evaluate
@@ -46,6 +60,7 @@ def test_profiles_are_frozen_and_chosen_by_name_or_environment(monkeypatch):
         get_profile("ci").sparsities = (0.3,)
     cpu, paper = get_profile("cpu"), get_profile("paper")
     assert "gemma3-270m" in cpu.models and len(paper.models) == 2 and paper.sparsities == (0.1, 0.2, 0.5)
+    assert all(p.sparsities == (0.1, 0.2, 0.5) for p in PROFILES.values())  # Table 1's columns everywhere
     assert paper.calibration.n_per_task >= 128 and paper.eval.ppl_windows == 100 and paper.eval.ppl_seqlen == 2048
     json.dumps(cpu.to_dict())
 
@@ -105,14 +120,46 @@ def test_table1_and_cap_vs_wanda_on_a_handmade_frame():
         rows.append(dict(model="m", method=method, sparsity=s, achieved_sparsity=s, task="wikitext2", mode="ppl",
                          metric="ppl", value=ppl, ci_low=ppl - 0.5, ci_high=ppl + 0.5, n=4))
     df = pd.DataFrame(rows)
-    table = sweep.table1(df)
+    table = tables.table1(df)
     assert list(table["method"]) == ["Dense", "Wanda", "CAP"]
     assert table.loc[2, "ARC-C. (loglik)"] == "55.0 [45.0, 65.0]" and table.loc[1, "WikiText-2 ppl"] == "12.00 [11.50, 12.50]"
-    md = sweep.markdown_table(table)
+    md = tables.markdown_table(table)
     assert md.count("\n") == 5 and md.startswith("| model | method |")
-    versus = sweep.cap_vs_wanda(df).set_index("task")
+    versus = tables.cap_vs_wanda(df).set_index("task")
     assert versus.loc["arc_challenge", "cap_better"] and not versus.loc["wikitext2", "cap_better"]
     assert versus.loc["arc_challenge", "cis_overlap"] and not versus.loc["wikitext2", "cis_overlap"]
+
+
+def _record(method: str, sparsity: float, correct: list[int], nll: list[float]) -> dict:
+    acc = sum(correct) / len(correct)
+    return {"model": "m", "method": method, "sparsity": sparsity, "achieved_sparsity": sparsity, "rows": [
+        {"task": "arc_challenge", "mode": "loglik", "metric": "loglik_accuracy", "value": acc, "ci_low": 0.0,
+         "ci_high": 1.0, "n": len(correct), "outcomes": {f"q{i}": c for i, c in enumerate(correct)}},
+        {"task": "wikitext2", "mode": "ppl", "metric": "perplexity", "value": 2.0, "ci_low": 1.0, "ci_high": 3.0,
+         "n": len(nll), "outcomes": {str(i): v for i, v in enumerate(nll)}}]}
+
+
+def test_paired_differences_and_the_long_table1_on_handmade_records():
+    records = [_record("dense", 0.0, [1, 1, 1, 1, 0, 1], [2.0, 2.0, 2.0]),
+               _record("wanda", 0.2, [1, 0, 1, 0, 0, 1], [2.5, 2.4, 2.6]),
+               _record("cap", 0.2, [1, 1, 1, 0, 1, 1], [2.2, 2.6, 2.3])]
+    paired = tables.paired_differences(records, n_resamples=2000)
+    assert set(zip(paired["a"], paired["b"])) == {("cap", "wanda"), ("cap", "dense"), ("wanda", "dense")}
+    acc = paired[(paired["a"] == "cap") & (paired["b"] == "wanda") & (paired["mode"] == "loglik")].iloc[0]
+    assert acc["delta"] == pytest.approx(2 / 6) and (acc["discordant_a"], acc["discordant_b"]) == (2, 0)
+    assert acc["mcnemar_p"] == pytest.approx(0.5)  # 2 * P[Bin(2, 1/2) <= 0]
+    nll = paired[(paired["a"] == "cap") & (paired["b"] == "dense") & (paired["mode"] == "ppl")].iloc[0]
+    assert nll["delta"] == pytest.approx((0.2 + 0.6 + 0.3) / 3)
+    results = sweep.SweepResult(TINY, records).results()
+    long = tables.table1_long(results, paired)
+    cap = long[(long["method"] == "cap") & (long["mode"] == "loglik")].iloc[0]
+    assert cap["delta_vs_wanda"] == pytest.approx(2 / 6) and cap["mcnemar_p"] == pytest.approx(0.5)
+    assert {"delta_ci_low", "delta_ci_high", "delta_vs_dense", "dense_mcnemar_p"} <= set(long.columns)
+    assert long[long["method"] != "cap"]["delta_vs_wanda"].isna().all()
+    md = tables.paired_markdown(paired)
+    assert "CAP - Wanda" in md and "+33.3 [" in md and "p=0.5" in md
+    fig = plotting.paired_differences(paired, model="m", profile=TINY)
+    assert len(fig.axes) >= 1
 
 
 # ------------------------------------------------------------------ plotting
@@ -153,7 +200,7 @@ def test_explorer_slider_changes_plot_and_text(data_dir, monkeypatch):
     ex = Explorer(TINY, data_dir=data_dir)
     ex.widget()
     text, image = ex.status.value, ex.image.value
-    assert "achieved sparsity 20.00%" in text and image[:4] == b"\x89PNG"
+    assert f"achieved sparsity {TINY.sparsities[0]:.2%}" in text and image[:4] == b"\x89PNG"
     ex.sparsity.value = 0.5
     assert "achieved sparsity 50.00%" in ex.status.value and ex.image.value != image
     ex.method.value = "wanda"

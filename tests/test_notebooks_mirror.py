@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import pytest
 import torch
 
-from cap_lab import plotting, sweep
+from cap_lab import plotting, sweep, tables
 from cap_lab.calibration import build_calibration_set
 from cap_lab.config import get_profile, load_profile_model
 from cap_lab.scoring import head_scores
@@ -71,12 +71,16 @@ def test_03_and_04_sweep_table_and_perplexity_vs_accuracy(data_dir, figures, mon
     res = result.results()
     assert {"loglik", "cot", "ppl"} == set(res["mode"])
     assert set(res[res["mode"] == "loglik"]["task"]) == {"strategyqa", "arc_challenge"}
-    table = sweep.table1(res)
+    table = tables.table1(res)
     assert list(table["method"][:4]) == ["Dense", "Magnitude", "Wanda", "CAP"] and len(table) == 1 + 3 * len(TINY.sparsities)
     cap = [r for r in result.records if r["method"] == "cap"]
     assert all(abs(r["achieved_sparsity"] - r["sparsity"]) <= 1e-4 + 1 / 48 for r in cap)
-    assert len(sweep.cap_vs_wanda(res)) == len(TINY.sparsities) * res[res["method"] == "cap"][["task", "mode"]].drop_duplicates().shape[0]
-    plotting.save_output(sweep.markdown_table(table), "03_table.md", profile=TINY)
+    per_cap_row = res[res["method"] == "cap"][["task", "mode"]].drop_duplicates().shape[0]
+    assert len(tables.cap_vs_wanda(res)) == len(TINY.sparsities) * per_cap_row
+    paired = tables.paired_differences(result.records, n_resamples=200)
+    assert len(paired) == 3 * len(TINY.sparsities) * per_cap_row  # CAP-Wanda, CAP-dense, Wanda-dense
+    assert tables.table1_long(res, paired).query("method == 'cap'")["delta_vs_wanda"].notna().all()
+    plotting.save_output(tables.markdown_table(table), "03_table.md", profile=TINY)
     plotting.save_output(plotting.accuracy_vs_sparsity(res, model="tiny-llama", profile=TINY), "03_curves.png", profile=TINY)
     plotting.save_output(plotting.layer_sparsity(result.layer_sparsity(), model="tiny-llama", sparsity=0.5, profile=TINY),
                          "03_layers.png", profile=TINY)

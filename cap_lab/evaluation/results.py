@@ -79,6 +79,18 @@ class EvalResult:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
+    def outcomes(self) -> dict[str, float]:
+        """Each example's outcome by example id, for paired comparisons (:mod:`cap_lab.stats`).
+
+        1 or 0 for correct or not (CoT: the strict answer), or, for perplexity, each window's
+        mean NLL in nats per token (keyed by the window's index).
+        """
+        records = read_records(self)
+        if self.mode == "perplexity":
+            return {str(r["window"]): float(r["mean_nll"]) for r in records}
+        key = "strict_correct" if self.mode == "cot" else "correct"
+        return {str(r["uid"]): int(bool(r[key])) for r in records}
+
 
 def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
     """Wilson score interval of a binomial proportion (95% by default); ``(0, 1)`` for n = 0."""
