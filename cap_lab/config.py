@@ -226,11 +226,12 @@ def repo_root() -> Path:
 
 
 def figures_dir(profile: Profile) -> Path:
-    """Output folder of a profile's figures: ``$CAP_LAB_FIGURES`` if set, else the profile's."""
+    """Output folder of a profile's figures: ``$CAP_LAB_FIGURES`` if set, else the profile's.
+
+    Only a path: writing a figure (:func:`cap_lab.plotting.save_output`) creates the folder.
+    """
     chosen = os.environ.get("CAP_LAB_FIGURES")
-    path = Path(chosen) if chosen else repo_root() / profile.figures_dir
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return Path(chosen) if chosen else repo_root() / profile.figures_dir
 
 
 def load_profile_model(name: str, device: str | None = None) -> LoadedModel:

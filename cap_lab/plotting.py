@@ -69,8 +69,7 @@ def save_output(obj, filename: str, *, profile: Profile | str | None, model: str
     """
     profile = get_profile(profile)
     folder = Path(out_dir) if out_dir is not None else figures_dir(profile)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / filename
+    path = folder / filename  # the atomic writes create the folder
     if isinstance(obj, Figure):
         if path.suffix != ".png":
             raise ValueError(f"figure file {filename!r} must end in .png")
