@@ -24,7 +24,11 @@ Baselines, on the same calibration inputs and the same linear layers:
   stable sort), layer by layer with each layer's inputs taken from the already pruned earlier
   layers, as locuslab/wanda does (one intact pass captures the inputs of layer 0 and each
   layer's call arguments, :mod:`cap_lab.modeling.replay`; then each layer runs twice per
-  calibration batch: dense to collect its statistics, pruned to feed the next layer);
+  calibration batch: dense to collect its statistics, pruned to feed the next layer). For a
+  model larger than the accelerator, ``execution_device`` runs all of it with only the current
+  layer there (:func:`cap_lab.modeling.offload.onload_layers`): the intact pass moves each
+  layer in and out, then each layer is held on the device while it is measured, pruned and
+  replayed; the masks are the same as with the whole model on one device (tested);
 * ``magnitude``: ``|W|`` with one global threshold (``magnitude_scope="global"``) or the same
   sparsity in every matrix (``"layer"``);
 * ``random``: a seeded random choice of the same fraction of each matrix; weights that are
@@ -36,6 +40,7 @@ Baselines, on the same calibration inputs and the same linear layers:
 from __future__ import annotations
 
 import zlib
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
@@ -45,7 +50,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cap_lab.calibration import CalibrationSet
-from cap_lab.modeling import ModelLayout, call_layer, capture, capture_inputs, get_layout, model_device
+from cap_lab.modeling import (
+    LayerOnloader, ModelLayout, call_layer, capture, capture_inputs, get_layout, model_device, onload_layers,
+)
 from cap_lab.selection import ScoreFn, global_threshold, per_matrix_masks, threshold_masks
 
 PRUNE_METHODS = ("cap", "wanda", "magnitude", "random")
@@ -175,13 +182,34 @@ def wanda_row_mask(weight: torch.Tensor, input_norm_sq: torch.Tensor, sparsity: 
 
 @torch.inference_mode()
 def wanda_prune_sequential(model: nn.Module, layout: ModelLayout, calib: CalibrationSet, sparsity: float,
-                           batch_size: int = 8, progress: bool = True) -> int:
+                           batch_size: int = 8, progress: bool = True,
+                           execution_device: str | torch.device | None = None) -> int:
     """Wanda over all layers in order; returns the number of weights selected.
 
     Input-feature statistics of layer l are sums of squares over the non-padding calibration
     tokens (Wanda's running mean differs by a constant factor, which leaves every row's
     order unchanged), taken with layers 0..l-1 already pruned.
+
+    Args:
+        model: a supported causal LM (pruned in place).
+        layout: its layout.
+        calib: the calibration set.
+        sparsity: fraction of each row to prune.
+        batch_size: calibration items per forward.
+        progress: progress bar over the layers.
+        execution_device: run layer by layer with only the current decoder layer on this
+            device, the rest of the model staying where it is (``None``: run where the model
+            is). See :func:`cap_lab.modeling.offload.onload_layers`.
     """
+    with ExitStack() as stack:
+        onloader = (stack.enter_context(onload_layers(model, layout, execution_device))
+                    if execution_device is not None else None)
+        return _wanda_layers(model, layout, calib, sparsity, batch_size, progress, onloader)
+
+
+def _wanda_layers(model: nn.Module, layout: ModelLayout, calib: CalibrationSet, sparsity: float, batch_size: int,
+                  progress: bool, onloader: LayerOnloader | None) -> int:
+    """The body of :func:`wanda_prune_sequential`; ``onloader`` holds each layer on the execution device."""
     device = model_device(model)
     states = []  # per batch: [hidden (B, S, d) entering the current layer, layer kwargs, attention mask (B, S)]
     for batch in calib.batches(list(range(len(calib.items))), batch_size, device):
@@ -198,13 +226,14 @@ def wanda_prune_sequential(model: nn.Module, layout: ModelLayout, calib: Calibra
             keep = current["mask"].to(x.device, torch.float32).unsqueeze(-1)
             sums[name] += ((x.float() ** 2) * keep).sum(dim=(0, 1)).double().cpu()
 
-        with capture_inputs(modules, accumulate):
-            for hidden, kwargs, mask in states:
-                current["mask"] = mask
-                call_layer(layers[layer], hidden, kwargs[layer])
-        selected += apply_pruning_masks((m, wanda_row_mask(m.weight, sums[n], sparsity)) for n, m in modules.items())
-        for state in states:  # the pruned layer feeds the next one
-            state[0] = call_layer(layers[layer], state[0], state[1][layer])
+        with onloader.hold(layer) if onloader else nullcontext():  # measured, pruned and replayed on one device
+            with capture_inputs(modules, accumulate):
+                for hidden, kwargs, mask in states:
+                    current["mask"] = mask
+                    call_layer(layers[layer], hidden, kwargs[layer])
+            selected += apply_pruning_masks((m, wanda_row_mask(m.weight, sums[n], sparsity)) for n, m in modules.items())
+            for state in states:  # the pruned layer feeds the next one
+                state[0] = call_layer(layers[layer], state[0], state[1][layer])
     return selected
 
 
@@ -251,7 +280,8 @@ class PruneResult:
 
 
 def prune_model(model: nn.Module, config: PruneConfig, *, head_scores: torch.Tensor | None = None,
-                calib: CalibrationSet | None = None, batch_size: int = 8, progress: bool = True) -> PruneResult:
+                calib: CalibrationSet | None = None, batch_size: int = 8, progress: bool = True,
+                execution_device: str | torch.device | None = None) -> PruneResult:
     """Prune a model in place to ``config.sparsity``.
 
     Args:
@@ -261,6 +291,12 @@ def prune_model(model: nn.Module, config: PruneConfig, *, head_scores: torch.Ten
         calib: calibration set, required by ``wanda``.
         batch_size: calibration items per forward (``wanda``).
         progress: progress bar (``wanda``'s layer loop).
+        execution_device: for a model larger than the accelerator: keep it on the CPU and
+            give the accelerator here; ``wanda`` then runs with one decoder layer at a time on
+            it (:func:`cap_lab.modeling.offload.onload_layers`) and leaves every weight where
+            it was. An execution detail, not a setting, so not part of :class:`PruneConfig`:
+            the masks are the same either way. ``cap``, ``magnitude`` and ``random`` run no
+            forward (they score each matrix where it lies), so they do not use it.
 
     Returns:
         A :class:`PruneResult` with the achieved sparsity and a per-matrix report.
@@ -288,7 +324,7 @@ def prune_model(model: nn.Module, config: PruneConfig, *, head_scores: torch.Ten
     else:  # wanda, sequential over layers
         if calib is None:
             raise ValueError("method 'wanda' needs a calibration set")
-        selected = wanda_prune_sequential(model, layout, calib, config.sparsity, batch_size, progress)
+        selected = wanda_prune_sequential(model, layout, calib, config.sparsity, batch_size, progress, execution_device)
     report = sparsity_report(model, layout)
     achieved = float(report["zeros"].sum() / report["numel"].sum())
     return PruneResult(config, float(config.sparsity), achieved, selected, total, threshold, report)

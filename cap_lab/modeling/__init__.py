@@ -12,7 +12,9 @@ here with one clear :class:`ReplayError` naming the version:
   ``start..stop`` with the model's own arguments, checked by value and self-verified per model;
 * :mod:`~cap_lab.modeling.head`: final norm, LM head, soft-capping and chunked log-probs /
   target cross-entropy, written once;
-* :mod:`~cap_lab.modeling.decoding`: forwards with a KV cache for evaluation.
+* :mod:`~cap_lab.modeling.decoding`: forwards with a KV cache for evaluation;
+* :mod:`~cap_lab.modeling.offload`: layer-by-layer execution with one decoder layer at a time
+  on the accelerator, for models larger than it.
 """
 from cap_lab.modeling.decoding import decoder_forward, lm_forward, repeat_cache, select_cache
 from cap_lab.modeling.head import TargetTokens, lm_logits, target_loss_sums, token_logprobs
@@ -20,11 +22,12 @@ from cap_lab.modeling.hooks import StopForward, capture_inputs, mask_heads
 from cap_lab.modeling.layout import (
     ARCH_TABLE, ATTENTION_PROJECTIONS, MLP_PROJECTIONS, SUPPORTED_MODEL_TYPES, ModelLayout, get_layout, model_device,
 )
+from cap_lab.modeling.offload import LayerOnloader, onload_layers
 from cap_lab.modeling.replay import Capture, ReplayError, call_layer, capture, run_layers
 
 __all__ = [
-    "ARCH_TABLE", "ATTENTION_PROJECTIONS", "Capture", "MLP_PROJECTIONS", "ModelLayout", "ReplayError",
+    "ARCH_TABLE", "ATTENTION_PROJECTIONS", "Capture", "LayerOnloader", "MLP_PROJECTIONS", "ModelLayout", "ReplayError",
     "SUPPORTED_MODEL_TYPES", "StopForward", "TargetTokens", "call_layer", "capture", "capture_inputs",
-    "decoder_forward", "get_layout", "lm_forward", "lm_logits", "mask_heads", "model_device", "repeat_cache",
+    "decoder_forward", "get_layout", "lm_forward", "lm_logits", "mask_heads", "model_device", "onload_layers", "repeat_cache",
     "run_layers", "select_cache", "target_loss_sums", "token_logprobs",
 ]
