@@ -108,7 +108,7 @@ def test_interrupted_run_resumes_from_the_last_finished_layer(tiny, data_dir, mo
     monkeypatch.setattr(exact, "_score_layer", counting)
     resumed = head_scores(tiny, calib, progress=False)
     assert scored == [2]  # layers 0 and 1 came from disk
-    assert resumed.settings["resumed_from_layer"] == 2
+    assert resumed.settings["resumed_layers"] == [0, 1]
     assert torch.equal(resumed.masked_losses, whole.masked_losses)
     assert torch.equal(resumed.scores, whole.scores)
     assert not folder.exists()  # progress is dropped once the cache entry is written
@@ -120,5 +120,5 @@ def test_progress_of_another_run_is_not_trusted(tiny, data_dir, tmp_path):
     other = exact.LayerCheckpoints(tmp_path / "p", {"something": "else"})
     other.save(0, torch.full((layout.num_heads, len(calib.items)), 123.0, dtype=torch.float64))
     got = score_heads_exact(tiny.model, calib, checkpoint_dir=tmp_path / "p", progress=False)
-    assert got.settings["resumed_from_layer"] == 0
+    assert got.settings["resumed_layers"] == []
     assert torch.equal(got.scores, score_heads_exact(tiny.model, calib, progress=False).scores)

@@ -15,6 +15,11 @@ chat template or tokenizer with unchanged weights is a new entry), the method an
 :data:`SCORING_VERSION`. The per-subset losses are stored, so either aggregate is served from
 one entry. Scoring never changes weights: it runs with scoped hooks only, and no parameter gets
 a gradient.
+
+Under torchrun (:mod:`cap_lab.distributed`), every rank calls :func:`head_scores` with the same
+arguments; ``exact`` and ``attribution`` split their work across the ranks, every rank returns
+the same scores, and rank 0 alone writes the cache entry (the same key and losses as a
+one-process run) and removes the progress folder. ``reference`` runs in one process only.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cap_lab import store
+from cap_lab import distributed, store
 from cap_lab.calibration import CalibrationSet
 from cap_lab.modeling import get_layout
 from cap_lab.models import cache_root
@@ -67,6 +72,12 @@ def head_scores(
     its progress per layer beside the entry (:func:`progress_dir`); a run stopped midway
     resumes there, and the progress is removed once the entry is written.
 
+    With a process group (torchrun; :func:`cap_lab.distributed.init_from_env`) every rank must
+    make this call with the same arguments and the same cache folder (one filesystem): each
+    scores its share, all return the same scores, rank 0 writes the entry. If a rank dies, the
+    others fail at their next collective instead of waiting; rerunning resumes from the layers
+    finished (by any rank) before.
+
     Args:
         lm: a :class:`cap_lab.models.LoadedModel`.
         calib: the calibration set (built with ``lm.tokenizer``).
@@ -84,18 +95,23 @@ def head_scores(
     if method not in SCORING_METHODS:
         raise ValueError(f"scoring method {method!r}; allowed: {', '.join(SCORING_METHODS)}")
     check_aggregate(aggregate)
+    rank, world_size = distributed.world()
+    if method == "reference" and world_size > 1:
+        raise ValueError(f"scoring method 'reference' runs in one process, not on {world_size} ranks; "
+                         "launch it without torchrun, or use 'exact'")
     payload = score_payload(lm.identity(), calib, method)
+    distributed.check_same_on_all_ranks("score cache key (model weights or calibration items)", payload)
     layout, k = get_layout(lm.model), calib.config.n_subsets
     shapes = {"masked_losses": (k, layout.num_layers, layout.num_heads), "intact_losses": (k,)}
     if use_cache and not force:
         hit = store.load(scores_root(cache_dir), payload, shapes=shapes)
-        if hit is not None:
+        if distributed.all_true(hit is not None):  # a rank that missed makes every rank compute
             t = hit.tensors
             settings = dict(hit.metadata, payload=hit.payload, key=hit.folder.name, path=str(hit.folder))
             return HeadScores(aggregate_scores(t["masked_losses"], t["intact_losses"], aggregate),
                               t["masked_losses"], t["intact_losses"], aggregate, settings)
     checkpoints = progress_dir(payload, cache_dir) if use_cache else None
-    if checkpoints is not None and force:
+    if checkpoints is not None and force and rank == 0:  # before the scorer's first collective
         shutil.rmtree(checkpoints, ignore_errors=True)
     if method == "exact":
         result = score_heads_exact(lm.model, calib, aggregate=aggregate, batch_size=batch_size,
@@ -107,8 +123,11 @@ def head_scores(
     settings = dict(result.settings, method=method, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     n_tokens=calib.n_tokens, n_target_tokens=calib.n_target_tokens)
     if use_cache:
-        folder = store.save(scores_root(cache_dir), payload, settings,
-                            tensors={"masked_losses": result.masked_losses, "intact_losses": result.intact_losses})
-        shutil.rmtree(checkpoints, ignore_errors=True)
+        folder = store.entry_folder(scores_root(cache_dir), payload)
+        if rank == 0:
+            folder = store.save(scores_root(cache_dir), payload, settings,
+                                tensors={"masked_losses": result.masked_losses, "intact_losses": result.intact_losses})
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        distributed.barrier()  # the entry exists when any rank returns
         settings = dict(settings, payload=payload, key=folder.name, path=str(folder))
     return replace(result, settings=settings)

@@ -26,6 +26,11 @@ known to fail where the loss is far from linear over the step from z_h to 0:
 Use it to rank heads cheaply and check it against the exact scores with
 :func:`cap_lab.scoring.compare.compare_scores`; CAP's pruning uses the exact scores by default.
 
+With a :mod:`torch.distributed` process group (:mod:`cap_lab.distributed`, torchrun), the batches
+are split across ranks and the per-item estimates and loss sums summed across them (each item
+is on one rank only, so every rank gets the one-process result). Nothing is saved midway: a
+failed run is rerun whole (it is one forward and one backward per batch).
+
 Scoring changes no weight and leaves no ``.grad``: gradients are taken with
 ``torch.autograd.grad`` with respect to the ``o_proj`` inputs only (a leaf is made only where an
 input does not already require grad); parameters are never asked for gradients.
@@ -36,6 +41,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cap_lab import distributed
 from cap_lab.calibration import CalibrationSet
 from cap_lab.modeling import TargetTokens, capture, get_layout, model_device, target_loss_sums
 from cap_lab.scoring.types import HeadScores, aggregate_scores, check_aggregate, subset_mean_losses
@@ -68,8 +74,11 @@ def score_heads_attribution(model: nn.Module, calib: CalibrationSet, *, aggregat
     estimate = torch.zeros(n_items, layout.num_layers, layout.num_heads, dtype=torch.float64)
     intact_sums = torch.zeros(n_items, dtype=torch.float64)
     batches = list(calib.batches(list(range(n_items)), batch_size, device))
+    rank, world_size = distributed.world()
+    distributed.check_same_on_all_ranks("calibration set", calib.token_digest())
     with torch.inference_mode(False), torch.enable_grad():
-        for batch in tqdm(batches, desc="scoring heads (attribution)", disable=not progress):
+        for batch in tqdm(distributed.my_share(batches, rank, world_size), desc="scoring heads (attribution)",
+                          disable=not progress or rank != 0):
             z: dict[int, torch.Tensor] = {}
 
             def keep(layer: int, x: torch.Tensor) -> torch.Tensor:  # x: (B, S, H * D)
@@ -89,9 +98,13 @@ def score_heads_attribution(model: nn.Module, calib: CalibrationSet, *, aggregat
                 estimate[items, layer] = -gz.sum(dim=(1, 3)).double().cpu()
             intact_sums[items] = sums.detach().cpu()
             del captured, z, grads, objective
+    if world_size > 1:  # each item is non-zero on exactly one rank, so the sums are exact
+        distributed.barrier()
+        distributed.sum_across_ranks(estimate)
+        distributed.sum_across_ranks(intact_sums)
     intact = subset_mean_losses(calib, intact_sums, counts)  # (K,) float64
     delta = torch.zeros(k, layout.num_layers, layout.num_heads, dtype=torch.float64).index_add_(0, subset, estimate)
     masked = (intact.view(-1, 1, 1) + delta).float()
     intact = intact.float()
     return HeadScores(aggregate_scores(masked, intact, aggregate), masked, intact, aggregate,
-                      {"method": "attribution", "batches": len(batches)})
+                      {"method": "attribution", "batches": len(batches), "ranks": world_size})

@@ -17,8 +17,13 @@ calibration set per head) without doing its redundant work:
   below ``max_padding`` of their real tokens; the intact loss comes from the capture pass.
 
 Per-layer progress (the per-item loss sums of every head of each finished layer) is written to
-``checkpoint_dir`` atomically (:mod:`cap_lab.io`; safetensors + JSON, no pickle); a run that stops midway resumes
-after the last finished layer with identical results.
+``checkpoint_dir`` atomically (:mod:`cap_lab.io`; safetensors + JSON, no pickle); a run that stops
+midway resumes with identical results, scoring only the layers that are not on disk.
+
+**Several processes** (:mod:`cap_lab.distributed`, launched with torchrun): every rank captures
+every chunk and advances its hidden states through the layers, but masks heads only of its share
+of the unfinished layers (:func:`cap_lab.distributed.my_share`); the (L, H, N) loss sums are then
+summed across ranks (disjoint shares: exact), so every rank returns the single-process result.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cap_lab import distributed
 from cap_lab.calibration import Batch, CalibrationSet, make_batch
 from cap_lab.io import atomic_write, atomic_write_text
 from cap_lab.modeling import (
@@ -115,7 +121,11 @@ class LayerCheckpoints:
         return self.folder / f"layer_{layer:04d}.safetensors"
 
     def finished(self) -> dict[int, torch.Tensor]:
-        """``{layer: (H, N) float64 loss sums}`` for the finished layers 0..m-1 (contiguous)."""
+        """``{layer: (H, N) float64 loss sums}`` of every finished layer (any subset of layers).
+
+        A folder of another run is cleared; a damaged or misshapen layer file is skipped (and
+        recomputed by the caller).
+        """
         from safetensors.torch import load_file
 
         try:
@@ -125,12 +135,16 @@ class LayerCheckpoints:
         if stored != self.signature:
             self.clear()
             return {}
+        shape = (self.signature.get("num_heads"), self.signature.get("n_items"))
         out = {}
-        while self._file(len(out)).exists():
+        for path in sorted(self.folder.glob("layer_[0-9][0-9][0-9][0-9].safetensors")):
+            layer = int(path.stem.removeprefix("layer_"))
             try:
-                out[len(out)] = load_file(str(self._file(len(out))))["loss_sums"]
-            except Exception:  # a damaged file: recompute from there
-                break
+                sums = load_file(str(path))["loss_sums"]
+            except Exception:  # damaged: recompute that layer
+                continue
+            if layer < self.signature.get("num_layers", layer + 1) and (None in shape or tuple(sums.shape) == shape):
+                out[layer] = sums
         return out
 
     def save(self, layer: int, loss_sums: torch.Tensor) -> None:
@@ -213,14 +227,20 @@ def score_heads_exact(
         max_padding: a chunk's padding stays within this fraction of its real tokens.
         memory_budget: bytes of activations per masked pass (default
             :func:`default_memory_budget`); it sets the heads per pass and the logit rows.
-        checkpoint_dir: folder for per-layer progress; an interrupted run resumes from it. It
-            must belong to this model's weights (:func:`cap_lab.scoring.api.head_scores` keys it by
-            the weight fingerprint); the calibration items and head geometry are checked here.
-        progress: show a progress bar over layers.
+        checkpoint_dir: folder for per-layer progress; an interrupted run scores only the layers
+            not in it. It must belong to this model's weights (:func:`cap_lab.scoring.api.head_scores`
+            keys it by the weight fingerprint); the calibration items and head geometry are checked
+            here. With several ranks it must be one folder that all of them see.
+        progress: show a progress bar over layers (rank 0's share only, with several ranks).
+
+    When a :mod:`torch.distributed` process group is initialized, every rank must call this with
+    the same model and calibration set (checked); each scores its share of the unfinished layers
+    and all return the same result, equal to a one-process run's.
 
     Returns:
         :class:`cap_lab.scoring.types.HeadScores`, equal to the reference scorer's up to float
-        rounding; ``settings`` records the chunking.
+        rounding; ``settings`` records the chunking, the layers read from ``checkpoint_dir``
+        (``resumed_layers``) and the number of ranks.
     """
     check_aggregate(aggregate)
     layout = get_layout(model)
@@ -231,9 +251,16 @@ def score_heads_exact(
     vocab = layout.lm_head(model).out_features
     max_logit_rows = max(1, budget // (3 * 4 * vocab))  # logits, log-softmax, gradient-free temporaries
     n_items = len(calib.items)
-    store = LayerCheckpoints(checkpoint_dir, run_signature(calib, layout)) if checkpoint_dir else None
-    done = store.finished() if store else {}
-    start = min(len(done), layout.num_layers - 1)
+    rank, world_size = distributed.world()
+    signature = run_signature(calib, layout)
+    distributed.check_same_on_all_ranks("calibration set or head geometry", signature)
+    store = LayerCheckpoints(checkpoint_dir, signature) if checkpoint_dir else None
+    done = store.finished() if store and rank == 0 else {}  # rank 0 reads (or clears) the progress
+    finished = torch.zeros(layout.num_layers, dtype=torch.int64)
+    finished[list(done)] = 1
+    finished = distributed.broadcast_from_main(finished).bool()  # (L,), the same on every rank
+    mine = distributed.my_share([l for l in range(layout.num_layers) if not finished[l]], rank, world_size)
+    start = mine[0] if mine else layout.num_layers - 1
 
     lengths = [len(it.input_ids) for it in calib.items]
     intact_sums = torch.zeros(n_items, dtype=torch.float64)
@@ -251,25 +278,31 @@ def score_heads_exact(
         per_pass = heads_per_pass(rows, width, activation_bytes_per_token(model, layout, width), layout.num_heads, budget)
         states.append(ChunkState(batch, targets, captured.hidden, captured.layer_kwargs, per_pass))
 
-    sums = torch.zeros(layout.num_layers, layout.num_heads, n_items, dtype=torch.float64)
+    sums = torch.zeros(layout.num_layers, layout.num_heads, n_items, dtype=torch.float64)  # (L, H, N)
     for layer, layer_sums in done.items():
         sums[layer] = layer_sums
     layers = layout.layers(model)
-    bar = tqdm(total=layout.num_layers, initial=len(done), desc="scoring heads (exact)", disable=not progress)
-    for layer in range(len(done), layout.num_layers):
-        sums[layer] = _score_layer(model, layout, layer, states, n_items, max_logit_rows)
-        if store:
-            store.save(layer, sums[layer])
-        if layer + 1 < layout.num_layers:
+    desc = "scoring heads (exact)" + (f", rank {rank} of {world_size}" if world_size > 1 else "")
+    bar = tqdm(total=len(mine), desc=desc, disable=not progress or rank != 0)
+    for layer in range(start, mine[-1] + 1 if mine else start):
+        if layer in mine:
+            sums[layer] = _score_layer(model, layout, layer, states, n_items, max_logit_rows)
+            if store:
+                store.save(layer, sums[layer])
+            bar.update()
+        if layer < mine[-1]:
             for state in states:
                 state.hidden = call_layer(layers[layer], state.hidden, state.layer_kwargs[layer])
-        bar.update()
     bar.close()
+    if world_size > 1:  # each layer is non-zero on exactly one rank, so the sum is exact
+        distributed.barrier()
+        distributed.sum_across_ranks(sums)
 
     masked = torch.stack([subset_mean_losses(calib, sums[l, h], counts)
                           for l in range(layout.num_layers) for h in range(layout.num_heads)], dim=1)
     masked = masked.view(-1, layout.num_layers, layout.num_heads).float()  # (K, L, H), stored precision
     intact = subset_mean_losses(calib, intact_sums, counts).float()
     settings = {"method": "exact", "chunks": len(states), "padded_tokens": padded,
-                "heads_per_pass": [s.heads_per_pass for s in states], "resumed_from_layer": len(done)}
+                "heads_per_pass": [s.heads_per_pass for s in states],
+                "resumed_layers": finished.nonzero()[:, 0].tolist(), "ranks": world_size}
     return HeadScores(aggregate_scores(masked, intact, aggregate), masked, intact, aggregate, settings)
