@@ -67,6 +67,7 @@ def global_threshold(score_fn: ScoreFn, targets: list[Target], sparsity: float, 
     if want == 0:
         return 0.0, 0.0, 0
     g = torch.Generator().manual_seed(seed)
+    sample_size = min(sample_size, total)  # a small model needs no 2^20-score sample
     sample = []
     for l, n, m in targets:
         k = max(1, round(sample_size * m.weight.numel() / total))
