@@ -78,6 +78,13 @@ def init_from_env(device: str | None = None, *, device_map=None, timeout: timede
     return device
 
 
+def close() -> None:
+    """Leave the process group (at the end of a torchrun command); nothing without one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _control.clear()
+
+
 def _group():
     if "group" not in _control:  # initialized elsewhere: make the gloo group once (all ranks get here)
         gloo = dist.get_backend() == "gloo"

@@ -48,6 +48,8 @@ def _rank_main(rank: int, port: int, model_dir: str, data_dir: str, cache: str, 
         results = {m: head_scores(lm, calib, method=m, progress=False, cache_dir=cache) for m in methods}
         torch.save({"scored": scored, "results": {m: (r.masked_losses, r.intact_losses, r.scores, r.settings)
                                                   for m, r in results.items()}}, Path(out) / f"rank{rank}.pt")
+        distributed.close()
+        assert distributed.world() == (0, 1)
     except BaseException:
         torch.save({"scored": scored, "error": traceback.format_exc()}, Path(out) / f"rank{rank}.pt")
         raise SystemExit(1)
@@ -111,6 +113,7 @@ def test_without_torchrun_everything_is_one_rank(monkeypatch):
     assert distributed.all_true(True) and not distributed.all_true(False)
     distributed.barrier()
     distributed.check_same_on_all_ranks("anything", {"a": 1})
+    distributed.close()
 
 
 def test_resume_scores_only_the_missing_layers_in_any_order(tiny, data_dir, monkeypatch, tmp_path, one_thread):
