@@ -329,3 +329,14 @@ def test_a_transformers_release_that_cannot_be_replayed_is_one_line(tiny_dir, da
     line = one_error_line(["score", "--model", tiny_dir, "--data-dir", data_dir, "--calib-per-task", 2, "--subsets", 2,
                            "--max-length", 32, "--out", tmp_path / "s.json"], capsys, after_load=True)
     assert "transformers 9.9.9" in line
+
+
+def test_prune_wanda_layer_by_layer_from_the_command_line(tiny_dir, data_dir, tmp_path, capsys):
+    common = ["--model", tiny_dir, "--data-dir", data_dir, "--calib-per-task", 2, "--subsets", 2, "--max-length", 32,
+              "--method", "wanda", "--sparsity", 0.5, "--device", "cpu"]
+    assert main([str(a) for a in ["prune", *common, "--out", tmp_path / "a"]]) == 0
+    assert main([str(a) for a in ["prune", *common, "--execution-device", "cpu", "--out", tmp_path / "b"]]) == 0
+    a, b = load_model(str(tmp_path / "a"), device="cpu"), load_model(str(tmp_path / "b"), device="cpu")
+    assert a.fingerprint == b.fingerprint  # same masks layer by layer
+    line = one_error_line(["prune", *common, "--execution-device", "bogus", "--out", tmp_path / "c"], capsys)
+    assert "--execution-device" in line and "bogus" in line

@@ -16,7 +16,7 @@ import sys
 import time
 
 from cap_lab.calibration import build_calibration_set
-from cap_lab.cli.checks import check_data_source, fraction
+from cap_lab.cli.checks import check_data_source, device, fraction
 from cap_lab.cli.common import add_calibration_args, add_model_args, calibration_config_from_args, load_model_from_args
 from cap_lab.cli.scores_json import check_scores_fit, read_scores_json, score_provenance
 from cap_lab.pruning import KV_REDUCE, MAGNITUDE_SCOPES, PRUNE_METHODS, PruneConfig, prune_model, sparsity_by
@@ -38,6 +38,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output folder for the pruned checkpoint (a new folder)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out if it is a checkpoint written by cap_lab (never any other folder)")
+    p.add_argument("--execution-device", type=device, default=None,
+                   help="wanda: keep the model where --device put it (e.g. cpu) and run each decoder layer on this "
+                        "device one at a time (for models larger than the GPU)")
     p.set_defaults(run=run)
 
 
@@ -46,6 +49,9 @@ def run(args) -> int:
                          magnitude_scope=args.magnitude_scope, seed=args.seed)
     if args.scores and config.method != "cap":
         print(f"cap-lab: warning: --scores is used by --method cap only; {config.method} ignores it", file=sys.stderr)
+    if args.execution_device and config.method != "wanda":
+        print(f"cap-lab: warning: --execution-device is used by --method wanda only; {config.method} runs no forward "
+              "pass", file=sys.stderr)
     calib_config = calibration_config_from_args(args)
     out = check_output_folder(args.out, args.overwrite)  # every check before the slow load
     scores_file = read_scores_json(args.scores) if args.scores and config.method == "cap" else None
@@ -68,7 +74,8 @@ def run(args) -> int:
     elif config.method == "cap":
         result = head_scores(lm, calib, batch_size=args.batch_size)
         scores, provenance = result.scores, dict(score_provenance(result, calib), model=source_identity)
-    result = prune_model(lm.model, config, head_scores=scores, calib=calib, batch_size=args.batch_size)
+    result = prune_model(lm.model, config, head_scores=scores, calib=calib, batch_size=args.batch_size,
+                         execution_device=args.execution_device)
     by_matrix = sparsity_by(result.report, "matrix")
     print(by_matrix.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     print(f"{config.method}: target sparsity {config.sparsity:.4f}, achieved {result.achieved_sparsity:.6f} "
