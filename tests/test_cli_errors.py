@@ -340,3 +340,10 @@ def test_prune_wanda_layer_by_layer_from_the_command_line(tiny_dir, data_dir, tm
     assert a.fingerprint == b.fingerprint  # same masks layer by layer
     line = one_error_line(["prune", *common, "--execution-device", "bogus", "--out", tmp_path / "c"], capsys)
     assert "--execution-device" in line and "bogus" in line
+
+
+def test_the_cli_runs_as_a_module_as_torchrun_launches_it():
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "cap_lab.cli", "score", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--dist-timeout-min" in out.stdout, out.stderr
