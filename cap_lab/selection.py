@@ -9,11 +9,22 @@ so no tensor of all scores is ever built.
   count (a sampled bracket, then an exact order statistic inside it; bisection as fallback);
   ties at the threshold are taken in parameter order;
 * :func:`threshold_masks`: the boolean masks of such a threshold;
-* :func:`per_matrix_masks`: the same sparsity in every matrix.
+* :func:`per_matrix_masks`: the same sparsity in every matrix (or one per decoder layer);
+* :func:`per_layer_threshold_masks`: one threshold per decoder layer, each pruning exactly its
+  layer's share (a per-layer sparsity from :mod:`cap_lab.sparsity_allocation`, e.g. OWL);
+* :func:`nm_prune_mask` / :func:`nm_masks`: N:M semi-structured sparsity (Mishra et al., 2021,
+  "Accelerating Sparse Deep Neural Networks", the 2:4 pattern of NVIDIA Ampere sparse tensor
+  cores; used for LLMs by SparseGPT, Frantar & Alistarh 2023, Sec. 3.5, and Wanda, Sun et al.
+  2024, Sec. 4): in every row of an (out, in) matrix and every group of M consecutive input
+  columns, the N highest scores are kept and the M - N others pruned, so the sparsity is
+  exactly (M - N) / M whatever the scores. Any score works: ``|W|`` (magnitude),
+  ``|W| * ||X_j||`` (Wanda's ``prune_n``/``prune_m``), CAP's Eq. 4 ``|W| * I``, seeded noise;
+* :func:`select_masks`: the one dispatch over these that :func:`cap_lab.pruning.prune_model`
+  uses for its score-based methods.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -107,12 +118,145 @@ def threshold_masks(score_fn: ScoreFn, targets: list[Target], lo: float, hi: flo
         yield m, mask
 
 
-def per_matrix_masks(score_fn: ScoreFn, targets: list[Target], sparsity: float) -> Iterator[tuple[nn.Linear, torch.Tensor]]:
-    """Prune the lowest ``round(sparsity * numel)`` scores of every matrix."""
+def _layer_share(sparsity: float | Sequence[float], layer: int) -> float:
+    return float(sparsity) if isinstance(sparsity, (int, float)) else float(sparsity[layer])
+
+
+def per_matrix_masks(score_fn: ScoreFn, targets: list[Target],
+                     sparsity: float | Sequence[float]) -> Iterator[tuple[nn.Linear, torch.Tensor]]:
+    """Prune the lowest ``round(s * numel)`` scores of every matrix.
+
+    Args:
+        score_fn: ``(layer, projection, W) -> scores`` of W's shape.
+        targets: the prunable matrices.
+        sparsity: one fraction for every matrix, or one per decoder layer (indexed by layer).
+    """
     for l, n, m in targets:
         score = score_fn(l, n, m.weight).flatten()
-        k = round(sparsity * score.numel())
+        k = round(_layer_share(sparsity, l) * score.numel())
         mask = torch.zeros_like(score, dtype=torch.bool)
         if k:
             mask[torch.sort(score, stable=True).indices[:k]] = True
         yield m, mask.view_as(m.weight)
+
+
+def per_layer_threshold_masks(score_fn: ScoreFn, targets: list[Target], layer_sparsity: Sequence[float],
+                              tolerance: float = 1e-4) -> Iterator[tuple[nn.Linear, torch.Tensor]]:
+    """One :func:`global_threshold` per decoder layer, over that layer's matrices only.
+
+    Layer l loses exactly ``round(layer_sparsity[l] * numel of layer l)`` weights; only the
+    scores inside a layer compete (a global method such as CAP then ranks each layer's weights
+    against each other, not against other layers').
+    """
+    for layer in sorted({l for l, _, _ in targets}):
+        mine = [t for t in targets if t[0] == layer]
+        lo, hi, extra = global_threshold(score_fn, mine, float(layer_sparsity[layer]), tolerance)
+        yield from threshold_masks(score_fn, mine, lo, hi, extra)
+
+
+# ------------------------------------------------------------------ N:M semi-structured sparsity
+def check_nm(nm: tuple[int, int]) -> tuple[int, int]:
+    """Validate an N:M pattern ``(n, m)``: keep n of every m, with integers 0 < n < m.
+
+    Raises:
+        ValueError: naming the bad pattern.
+    """
+    try:
+        n, m = nm
+    except (TypeError, ValueError):
+        raise ValueError(f"nm={nm!r}: give (N, M), e.g. (2, 4) for 2:4") from None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, m)) or not 0 < n < m:
+        raise ValueError(f"nm={nm!r}: N:M needs integers 0 < N < M (keep N of every M consecutive inputs), e.g. 2:4, 4:8")
+    return n, m
+
+
+def nm_sparsity(nm: tuple[int, int]) -> float:
+    """The exact sparsity of an N:M pattern, (M - N) / M."""
+    n, m = check_nm(nm)
+    return (m - n) / m
+
+
+def check_nm_shapes(targets: list[Target], m: int) -> None:
+    """Every matrix's input width must be a multiple of ``m``; checked before anything is pruned.
+
+    Raises:
+        ValueError: naming the first matrix (layer, projection) and its (out, in) shape.
+    """
+    for l, n, mod in targets:
+        if mod.weight.shape[1] % m:
+            raise ValueError(f"N:M sparsity with M={m}: layer {l} {n} has shape {tuple(mod.weight.shape)} "
+                             f"(out, in), and in={mod.weight.shape[1]} is not a multiple of M")
+
+
+def nm_prune_mask(score: torch.Tensor, n: int, m: int, name: str = "matrix") -> torch.Tensor:
+    """N:M selection on one matrix: (out, in) scores -> (out, in) bool mask, True = prune.
+
+    In every row and every group of ``m`` consecutive columns the ``m - n`` lowest scores are
+    pruned (a stable sort: among equal scores the earlier column goes first).
+
+    Example:
+        >>> nm_prune_mask(torch.tensor([[4., 1., 3., 2.]]), 2, 4)
+        tensor([[False,  True, False,  True]])
+    """
+    check_nm((n, m))
+    rows, cols = score.shape
+    if cols % m:
+        raise ValueError(f"N:M sparsity with M={m}: {name} has shape {tuple(score.shape)} (out, in), "
+                         f"and in={cols} is not a multiple of M")
+    groups = score.reshape(rows, cols // m, m)  # (out, in/M, M)
+    pruned = torch.sort(groups, dim=-1, stable=True).indices[..., : m - n]  # (out, in/M, M-N)
+    return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, pruned, True).view(rows, cols)
+
+
+def nm_masks(score_fn: ScoreFn, targets: list[Target], nm: tuple[int, int]) -> Iterator[tuple[nn.Linear, torch.Tensor]]:
+    """:func:`nm_prune_mask` of every matrix; all shapes are checked before the first mask is made."""
+    n, m = check_nm(nm)
+    check_nm_shapes(targets, m)
+    return ((mod, nm_prune_mask(score_fn(l, name, mod.weight), n, m, f"layer {l} {name}")) for l, name, mod in targets)
+
+
+def nm_group_nonzeros(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """(out, in) weight -> (out, in/M) count of non-zeros in each group of M consecutive inputs."""
+    rows, cols = weight.shape
+    if cols % m:
+        raise ValueError(f"weight of shape {tuple(weight.shape)}: in={cols} is not a multiple of M={m}")
+    return (weight != 0).reshape(rows, cols // m, m).sum(dim=-1)
+
+
+# ------------------------------------------------------------------ dispatch
+def select_masks(score_fn: ScoreFn, targets: list[Target], sparsity: float, *, scope: str = "global",
+                 nm: tuple[int, int] | None = None, layer_sparsity: Sequence[float] | None = None,
+                 tolerance: float = 1e-4) -> tuple[Iterator[tuple[nn.Linear, torch.Tensor]], float | None]:
+    """The masks of a score-based method (CAP, magnitude, random).
+
+    Args:
+        score_fn: ``(layer, projection, W) -> scores``.
+        targets: the prunable matrices.
+        sparsity: the target fraction (ignored when ``nm`` or ``layer_sparsity`` is given).
+        scope: ``global`` (one threshold over all matrices; one per layer with
+            ``layer_sparsity``) or ``matrix`` (the same fraction of every matrix).
+        nm: an N:M pattern ``(n, m)``; overrides ``sparsity`` and ``scope``.
+        layer_sparsity: (L,) one fraction per decoder layer (OWL), instead of ``sparsity``.
+        tolerance: of the global threshold.
+
+    Returns:
+        ``(masks, threshold)``: masks one matrix at a time; the global threshold, or ``None``
+        when there is not exactly one.
+    """
+    if scope not in ("global", "matrix"):
+        raise ValueError(f"scope={scope!r}; allowed: global, matrix")
+    if nm is not None:
+        if layer_sparsity is not None:
+            raise ValueError("nm and layer_sparsity together: an N:M pattern fixes every layer at (M - N) / M")
+        return nm_masks(score_fn, targets, nm), None
+    if layer_sparsity is not None:
+        layers = sorted({l for l, _, _ in targets})
+        if len(layer_sparsity) <= layers[-1]:
+            raise ValueError(f"{len(layer_sparsity)} layer sparsities for {layers[-1] + 1} decoder layers")
+        if scope == "matrix":
+            return per_matrix_masks(score_fn, targets, layer_sparsity), None
+        return per_layer_threshold_masks(score_fn, targets, layer_sparsity, tolerance), None
+    if scope == "matrix":
+        return per_matrix_masks(score_fn, targets, sparsity), None
+    lo, hi, extra = global_threshold(score_fn, targets, sparsity, tolerance)
+    return threshold_masks(score_fn, targets, lo, hi, extra), lo
