@@ -22,40 +22,45 @@ Baselines, on the same calibration inputs and the same linear layers:
 * ``wanda``: ``|W_ij| * ||X_j||_2`` with input-feature norms over all non-padding calibration
   tokens, pruned per output row at the target sparsity (the lowest ``int(in * s)`` of each row,
   stable sort), layer by layer with each layer's inputs taken from the already pruned earlier
-  layers, as locuslab/wanda does (one intact pass captures the inputs of layer 0 and each
-  layer's call arguments, :mod:`cap_lab.modeling.replay`; then each layer runs twice per
-  calibration batch: dense to collect its statistics, pruned to feed the next layer). For a
-  model larger than the accelerator, ``execution_device`` runs all of it with only the current
-  layer there (:func:`cap_lab.modeling.offload.onload_layers`): the intact pass moves each
-  layer in and out, then each layer is held on the device while it is measured, pruned and
-  replayed; the masks are the same as with the whole model on one device (tested);
+  layers, as locuslab/wanda does (:mod:`cap_lab.wanda`, :mod:`cap_lab.sequential`). For a model larger than the
+  accelerator, ``execution_device`` runs it with only the current layer there
+  (:func:`cap_lab.modeling.offload.onload_layers`); the masks are the same as with the whole
+  model on one device (tested);
+* ``sparsegpt`` (Frantar & Alistarh, 2023; :mod:`cap_lab.sparsegpt`): the OBS update of the
+  surviving weights from each linear's Hessian ``2 X X^T``, on the same calibration tokens, in
+  the same sequential loop and with the same ``execution_device`` as ``wanda``; each matrix
+  loses exactly :func:`~cap_lab.sparsegpt.sparsegpt_selected_count` weights (``s * numel`` at
+  50% with an even output size);
 * ``magnitude``: ``|W|`` with one global threshold (``magnitude_scope="global"``) or the same
   sparsity in every matrix (``"layer"``);
 * ``random``: a seeded random choice of the same fraction of each matrix; weights that are
   already zero (a de-quantized checkpoint has some) are chosen first, so the achieved
   sparsity is the target, not the target plus the checkpoint's own zeros.
 
-:func:`apply_pruning_masks` is the only function in cap_lab that changes a model's weights.
+:func:`apply_pruning_masks` and :func:`apply_weight_updates` are the only functions in cap_lab that
+change a model's weights: the first only sets selected weights to zero (every method); the
+second also replaces the surviving weights by updated ones (``sparsegpt``'s OBS update), then
+zeroes the selected ones through the first.
 """
 from __future__ import annotations
 
 import zlib
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from cap_lab.calibration import CalibrationSet
-from cap_lab.modeling import (
-    LayerOnloader, ModelLayout, call_layer, capture, capture_inputs, get_layout, model_device, onload_layers,
-)
+from cap_lab.modeling import ModelLayout, get_layout, onload_layers
 from cap_lab.selection import ScoreFn, global_threshold, per_matrix_masks, threshold_masks
+from cap_lab.sequential import prune_layers_sequentially
+from cap_lab.sparsegpt import HessianStatistics, sparsegpt_prune_weight
+from cap_lab.wanda import InputNormStatistics, wanda_row_mask
 
-PRUNE_METHODS = ("cap", "wanda", "magnitude", "random")
+PRUNE_METHODS = ("cap", "wanda", "magnitude", "random", "sparsegpt")
 KV_REDUCE = ("mean", "max")
 MAGNITUDE_SCOPES = ("global", "layer")
 MATRIX_TYPES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
@@ -66,12 +71,14 @@ class PruneConfig:
     """What to prune and how.
 
     Attributes:
-        method: ``cap``, ``wanda``, ``magnitude`` or ``random``.
+        method: ``cap``, ``wanda``, ``magnitude``, ``random`` or ``sparsegpt``.
         sparsity: target fraction of prunable weights set to zero, in [0, 1).
         kv_reduce: how k/v rows shared by several query heads get their factor (``mean``/``max``).
         magnitude_scope: ``global`` threshold or the same sparsity per ``layer`` (magnitude only).
         seed: seed of ``random``.
         tolerance: allowed |achieved - target| sparsity of global-threshold methods.
+        sparsegpt_block_size: columns per block of ``sparsegpt`` (mask selection, lazy updates).
+        sparsegpt_damping: fraction of the mean Hessian diagonal added to it (``sparsegpt``).
     """
 
     method: str = "cap"
@@ -80,6 +87,8 @@ class PruneConfig:
     magnitude_scope: str = "global"
     seed: int = 0
     tolerance: float = 1e-4
+    sparsegpt_block_size: int = 128
+    sparsegpt_damping: float = 0.01
 
     def __post_init__(self) -> None:
         if self.method not in PRUNE_METHODS:
@@ -92,6 +101,10 @@ class PruneConfig:
             raise ValueError(f"magnitude_scope={self.magnitude_scope!r}; allowed: {', '.join(MAGNITUDE_SCOPES)}")
         if not 0 < self.tolerance < 0.5:
             raise ValueError(f"tolerance={self.tolerance!r}; must be in (0, 0.5)")
+        if type(self.sparsegpt_block_size) is not int or self.sparsegpt_block_size < 1:
+            raise ValueError(f"sparsegpt_block_size={self.sparsegpt_block_size!r}; must be an integer >= 1")
+        if not 0.0 <= float(self.sparsegpt_damping) < 1.0:
+            raise ValueError(f"sparsegpt_damping={self.sparsegpt_damping!r} is outside [0, 1)")
 
 
 # ------------------------------------------------------------------ CAP scores (pure)
@@ -167,88 +180,72 @@ def random_score_fn(seed: int) -> ScoreFn:
     return fn
 
 
-def wanda_row_mask(weight: torch.Tensor, input_norm_sq: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Wanda's per-output-row selection. weight: (out, in); input_norm_sq: (in,) sum of squares.
+def sequential_prune(model: nn.Module, layout: ModelLayout, calib: CalibrationSet, config: PruneConfig,
+                     batch_size: int = 8, progress: bool = True,
+                     execution_device: str | torch.device | None = None) -> int:
+    """``wanda`` or ``sparsegpt`` over all layers in order (:mod:`cap_lab.sequential`); returns the weights selected.
 
-    Returns a (out, in) bool mask of the lowest ``int(in * sparsity)`` of ``|W| * ||X||`` per row.
+    Layer l's statistics come from the model with layers 0..l-1 already pruned: Wanda's are
+    sums of squares of each input feature over the non-padding tokens (its running mean differs
+    by a constant factor, which leaves every row's order unchanged), SparseGPT's ``2 X X^T / N``
+    (:class:`cap_lab.sparsegpt.HessianStatistics`). ``execution_device``: run with only the
+    current decoder layer on this device (:func:`cap_lab.modeling.offload.onload_layers`;
+    ``None``: where the model is).
     """
-    metric = weight.detach().abs().float() * input_norm_sq.float().to(weight.device).sqrt().view(1, -1)
-    k = int(weight.shape[1] * sparsity)
-    mask = torch.zeros_like(metric, dtype=torch.bool)
-    if k:
-        mask.scatter_(1, torch.sort(metric, dim=-1, stable=True).indices[:, :k], True)
-    return mask
-
-
-@torch.inference_mode()
-def wanda_prune_sequential(model: nn.Module, layout: ModelLayout, calib: CalibrationSet, sparsity: float,
-                           batch_size: int = 8, progress: bool = True,
-                           execution_device: str | torch.device | None = None) -> int:
-    """Wanda over all layers in order; returns the number of weights selected.
-
-    Input-feature statistics of layer l are sums of squares over the non-padding calibration
-    tokens (Wanda's running mean differs by a constant factor, which leaves every row's
-    order unchanged), taken with layers 0..l-1 already pruned.
-
-    Args:
-        model: a supported causal LM (pruned in place).
-        layout: its layout.
-        calib: the calibration set.
-        sparsity: fraction of each row to prune.
-        batch_size: calibration items per forward.
-        progress: progress bar over the layers.
-        execution_device: run layer by layer with only the current decoder layer on this
-            device, the rest of the model staying where it is (``None``: run where the model
-            is). See :func:`cap_lab.modeling.offload.onload_layers`.
-    """
+    s, block_size, damping = config.sparsity, config.sparsegpt_block_size, config.sparsegpt_damping
+    if config.method == "wanda":
+        new_statistics = InputNormStatistics
+        prune_layer = lambda layer, modules, stats: apply_pruning_masks(  # noqa: E731
+            (m, wanda_row_mask(m.weight, stats.sums[n], s)) for n, m in modules.items())
+    elif config.method == "sparsegpt":
+        new_statistics = HessianStatistics
+        prune_layer = lambda layer, modules, stats: apply_weight_updates(  # noqa: E731
+            (m, *sparsegpt_prune_weight(m.weight, stats.hessian(n), s, block_size, damping))
+            for n, m in modules.items())
+    else:
+        raise ValueError(f"method {config.method!r} is not sequential; sequential methods: wanda, sparsegpt")
     with ExitStack() as stack:
         onloader = (stack.enter_context(onload_layers(model, layout, execution_device))
                     if execution_device is not None else None)
-        return _wanda_layers(model, layout, calib, sparsity, batch_size, progress, onloader)
+        return prune_layers_sequentially(model, layout, calib, new_statistics, prune_layer, batch_size=batch_size,
+                                         progress=progress, onloader=onloader, desc=f"{config.method} layers")
 
 
-def _wanda_layers(model: nn.Module, layout: ModelLayout, calib: CalibrationSet, sparsity: float, batch_size: int,
-                  progress: bool, onloader: LayerOnloader | None) -> int:
-    """The body of :func:`wanda_prune_sequential`; ``onloader`` holds each layer on the execution device."""
-    device = model_device(model)
-    states = []  # per batch: [hidden (B, S, d) entering the current layer, layer kwargs, attention mask (B, S)]
-    for batch in calib.batches(list(range(len(calib.items))), batch_size, device):
-        captured = capture(model, layout, batch.input_ids, batch.attention_mask, start=0)
-        states.append([captured.hidden, captured.layer_kwargs, batch.attention_mask])
-    layers = layout.layers(model)
-    selected = 0
-    for layer in tqdm(range(layout.num_layers), desc="wanda layers", disable=not progress):
-        modules = {n: m for l, n, m in layout.linear_weights(model) if l == layer}
-        sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in modules.items()}
-        current = {}
-
-        def accumulate(name: str, x: torch.Tensor) -> None:  # x: (B, S, in)
-            keep = current["mask"].to(x.device, torch.float32).unsqueeze(-1)
-            sums[name] += ((x.float() ** 2) * keep).sum(dim=(0, 1)).double().cpu()
-
-        with onloader.hold(layer) if onloader else nullcontext():  # measured, pruned and replayed on one device
-            with capture_inputs(modules, accumulate):
-                for hidden, kwargs, mask in states:
-                    current["mask"] = mask
-                    call_layer(layers[layer], hidden, kwargs[layer])
-            selected += apply_pruning_masks((m, wanda_row_mask(m.weight, sums[n], sparsity)) for n, m in modules.items())
-            for state in states:  # the pruned layer feeds the next one
-                state[0] = call_layer(layers[layer], state[0], state[1][layer])
-    return selected
-
-
-# ------------------------------------------------------------------ the one mutation
+# ------------------------------------------------------------------ the two mutations
 @torch.no_grad()
 def apply_pruning_masks(masks: Iterable[tuple[nn.Linear, torch.Tensor]]) -> int:
     """Set every weight selected by a mask exactly to zero, in place. Returns how many were selected.
 
-    This is the only function in cap_lab that changes model weights.
+    With :func:`apply_weight_updates` (which calls it), the only function in cap_lab that
+    changes model weights.
     """
     selected = 0
     for module, mask in masks:
         module.weight.masked_fill_(mask.to(module.weight.device), 0)
         selected += int(mask.sum())
     return selected
+
+
+@torch.no_grad()
+def apply_weight_updates(updates: Iterable[tuple[nn.Linear, torch.Tensor, torch.Tensor]]) -> int:
+    """Replace weights by updated ones, then zero the selected ones exactly. Returns how many were selected.
+
+    The only other writer of model weights besides :func:`apply_pruning_masks`: for methods
+    that change the surviving weights too (``sparsegpt``'s OBS update).
+
+    Args:
+        updates: ``(module, mask, new_weight)``: mask (out, in) bool, True = prune; new_weight
+            (out, in), any dtype and device (cast to the module's).
+    """
+    def written():
+        for module, mask, new_weight in updates:
+            if tuple(new_weight.shape) != tuple(module.weight.shape):
+                raise ValueError(f"new weight of shape {tuple(new_weight.shape)} for a weight of shape "
+                                 f"{tuple(module.weight.shape)}")
+            module.weight.copy_(new_weight)
+            yield module, mask
+
+    return apply_pruning_masks(written())
 
 
 # ------------------------------------------------------------------ driver
@@ -288,11 +285,11 @@ def prune_model(model: nn.Module, config: PruneConfig, *, head_scores: torch.Ten
         model: a supported causal LM (changed in place).
         config: method and target.
         head_scores: (L, H) causal scores, required by ``cap``.
-        calib: calibration set, required by ``wanda``.
-        batch_size: calibration items per forward (``wanda``).
-        progress: progress bar (``wanda``'s layer loop).
+        calib: calibration set, required by ``wanda`` and ``sparsegpt``.
+        batch_size: calibration items per forward (``wanda``, ``sparsegpt``).
+        progress: progress bar (their layer loop).
         execution_device: for a model larger than the accelerator: keep it on the CPU and
-            give the accelerator here; ``wanda`` then runs with one decoder layer at a time on
+            give the accelerator here; ``wanda`` and ``sparsegpt`` then run with one decoder layer at a time on
             it (:func:`cap_lab.modeling.offload.onload_layers`) and leaves every weight where
             it was. An execution detail, not a setting, so not part of :class:`PruneConfig`:
             the masks are the same either way. ``cap``, ``magnitude`` and ``random`` run no
@@ -321,10 +318,10 @@ def prune_model(model: nn.Module, config: PruneConfig, *, head_scores: torch.Ten
     elif config.method in ("magnitude", "random"):
         fn = magnitude_score_fn if config.method == "magnitude" else random_score_fn(config.seed)
         selected = apply_pruning_masks(per_matrix_masks(fn, targets, config.sparsity))
-    else:  # wanda, sequential over layers
+    else:  # wanda and sparsegpt, sequential over layers
         if calib is None:
-            raise ValueError("method 'wanda' needs a calibration set")
-        selected = wanda_prune_sequential(model, layout, calib, config.sparsity, batch_size, progress, execution_device)
+            raise ValueError(f"method {config.method!r} needs a calibration set")
+        selected = sequential_prune(model, layout, calib, config, batch_size, progress, execution_device)
     report = sparsity_report(model, layout)
     achieved = float(report["zeros"].sum() / report["numel"].sum())
     return PruneResult(config, float(config.sparsity), achieved, selected, total, threshold, report)

@@ -170,7 +170,7 @@ def test_random_counts_existing_zeros_toward_the_target():
 
 @pytest.mark.parametrize("kwargs, needle", [
     (dict(sparsity=1.0), "sparsity=1.0"), (dict(sparsity=-0.1), "sparsity=-0.1"),
-    (dict(method="sparsegpt"), "sparsegpt"), (dict(kv_reduce="min"), "min"), (dict(magnitude_scope="row"), "row"),
+    (dict(method="obd"), "obd"), (dict(kv_reduce="min"), "min"), (dict(magnitude_scope="row"), "row"),
 ])
 def test_bad_prune_config(kwargs, needle):
     with pytest.raises(ValueError, match=needle):

@@ -8,7 +8,7 @@ weights (same fingerprint) before any calibration or pruning work.
 ``cap_lab.json`` records where the scores came from (``scores``: file, method, aggregate,
 calibration...) and, as ``calibration``, the calibration settings that produced what was used:
 the scores' own for ``cap`` (from the scores file, not this command's calibration flags, which
-``--scores`` leaves unused), the calibration set built here for ``wanda``.
+``--scores`` leaves unused), the calibration set built here for ``wanda`` and ``sparsegpt``.
 """
 from __future__ import annotations
 
@@ -16,12 +16,14 @@ import sys
 import time
 
 from cap_lab.calibration import build_calibration_set
-from cap_lab.cli.checks import check_data_source, device, fraction
+from cap_lab.cli.checks import check_data_source, device, fraction, int_at_least
 from cap_lab.cli.common import add_calibration_args, add_model_args, calibration_config_from_args, load_model_from_args
 from cap_lab.cli.scores_json import check_scores_fit, read_scores_json, score_provenance
 from cap_lab.pruning import KV_REDUCE, MAGNITUDE_SCOPES, PRUNE_METHODS, PruneConfig, prune_model, sparsity_by
 from cap_lab.saving import check_output_folder, save_pruned
 from cap_lab.scoring import head_scores
+
+SEQUENTIAL = ("wanda", "sparsegpt")  # methods that prune layer by layer from calibration inputs
 
 
 def add_parser(sub) -> None:
@@ -32,6 +34,10 @@ def add_parser(sub) -> None:
     p.add_argument("--sparsity", type=fraction, required=True, help="target sparsity in [0, 1)")
     p.add_argument("--kv-reduce", choices=KV_REDUCE, default="mean", help=f"GQA k/v factor: {', '.join(KV_REDUCE)}")
     p.add_argument("--magnitude-scope", choices=MAGNITUDE_SCOPES, default="global", help=f"{', '.join(MAGNITUDE_SCOPES)}")
+    p.add_argument("--sparsegpt-block-size", type=int_at_least(1), default=128,
+                   help="sparsegpt: columns per block (mask selection and lazy OBS updates; paper: 128)")
+    p.add_argument("--sparsegpt-damping", type=fraction, default=0.01,
+                   help="sparsegpt: fraction of the mean Hessian diagonal added to it (paper: 0.01)")
     p.add_argument("--scores", default=None,
                    help="scores JSON from `cap-lab score` on the same model (--method cap; else scored/cached here, "
                         "and the calibration flags are unused)")
@@ -39,23 +45,24 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out if it is a checkpoint written by cap_lab (never any other folder)")
     p.add_argument("--execution-device", type=device, default=None,
-                   help="wanda: keep the model where --device put it (e.g. cpu) and run each decoder layer on this "
-                        "device one at a time (for models larger than the GPU)")
+                   help="wanda, sparsegpt: keep the model where --device put it (e.g. cpu) and run each decoder "
+                        "layer on this device one at a time (for models larger than the GPU)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     config = PruneConfig(method=args.method, sparsity=args.sparsity, kv_reduce=args.kv_reduce,
-                         magnitude_scope=args.magnitude_scope, seed=args.seed)
+                         magnitude_scope=args.magnitude_scope, seed=args.seed,
+                         sparsegpt_block_size=args.sparsegpt_block_size, sparsegpt_damping=args.sparsegpt_damping)
     if args.scores and config.method != "cap":
         print(f"cap-lab: warning: --scores is used by --method cap only; {config.method} ignores it", file=sys.stderr)
-    if args.execution_device and config.method != "wanda":
-        print(f"cap-lab: warning: --execution-device is used by --method wanda only; {config.method} runs no forward "
-              "pass", file=sys.stderr)
+    if args.execution_device and config.method not in SEQUENTIAL:
+        print(f"cap-lab: warning: --execution-device is used by --method wanda and sparsegpt only; {config.method} "
+              "runs no forward pass", file=sys.stderr)
     calib_config = calibration_config_from_args(args)
     out = check_output_folder(args.out, args.overwrite)  # every check before the slow load
     scores_file = read_scores_json(args.scores) if args.scores and config.method == "cap" else None
-    needs_calib = config.method == "wanda" or (config.method == "cap" and scores_file is None)
+    needs_calib = config.method in SEQUENTIAL or (config.method == "cap" and scores_file is None)
     if needs_calib:
         check_data_source(args.data_dir)
     start = time.perf_counter()

@@ -1,0 +1,46 @@
+"""Wanda (Sun et al., 2024, "A Simple and Effective Pruning Approach for Large Language Models").
+
+Wanda scores each weight by its magnitude times the norm of its input feature over the
+calibration tokens, ``|W_ij| * ||X_j||_2`` (paper Sec. 3, Eq. 1), and prunes the lowest scores
+of every output row separately (the per-output comparison group, Sec. 3). Here:
+
+* :class:`InputNormStatistics`: the per-feature sums of squares ``||X_j||^2`` over the
+  non-padding tokens (Wanda's running mean differs by a constant factor, which leaves every
+  row's order unchanged), accumulated by :func:`cap_lab.sequential.prune_layers_sequentially`
+  on the already-pruned prefix, as locuslab/wanda does;
+* :func:`wanda_row_mask`: the selection, the lowest ``int(in * s)`` of each row (stable sort).
+
+Pure: nothing here changes a weight (:func:`cap_lab.pruning.apply_pruning_masks` does).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def wanda_row_mask(weight: torch.Tensor, input_norm_sq: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Wanda's per-output-row selection. weight: (out, in); input_norm_sq: (in,) sum of squares.
+
+    Returns a (out, in) bool mask of the lowest ``int(in * sparsity)`` of ``|W| * ||X||`` per row.
+    """
+    metric = weight.detach().abs().float() * input_norm_sq.float().to(weight.device).sqrt().view(1, -1)
+    k = int(weight.shape[1] * sparsity)
+    mask = torch.zeros_like(metric, dtype=torch.bool)
+    if k:
+        mask.scatter_(1, torch.sort(metric, dim=-1, stable=True).indices[:, :k], True)
+    return mask
+
+
+class InputNormStatistics:
+    """Wanda's statistic: per linear, (in,) float64 sums of squares of its inputs over real tokens.
+
+    The accumulator that :func:`cap_lab.pruning.sequential_prune` gives
+    :func:`cap_lab.sequential.prune_layers_sequentially` (which calls :meth:`add` per batch).
+    """
+
+    def __init__(self, modules: dict[str, nn.Linear]):
+        self.sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in modules.items()}
+
+    def add(self, name: str, x: torch.Tensor, token_mask: torch.Tensor) -> None:  # x: (B, S, in), mask (B, S)
+        keep = token_mask.to(x.device, torch.float32).unsqueeze(-1)
+        self.sums[name] += ((x.float() ** 2) * keep).sum(dim=(0, 1)).double().cpu()
