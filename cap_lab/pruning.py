@@ -37,6 +37,11 @@ Baselines, on the same calibration inputs and the same linear layers:
   already zero (a de-quantized checkpoint has some) are chosen first, so the achieved
   sparsity is the target, not the target plus the checkpoint's own zeros.
 
+Options of every method: ``nm=(N, M)``, N:M sparsity by the method's own score (exactly
+(M - N) / M, :mod:`cap_lab.selection`); ``owl``, OWL's per-layer sparsities s_l
+(:mod:`cap_lab.sparsity_allocation`), each layer pruned to s_l as the method prunes a model (one
+threshold per layer for CAP and global magnitude).
+
 :func:`apply_pruning_masks` and :func:`apply_weight_updates` are the only functions in cap_lab that
 change a model's weights: the first only sets selected weights to zero (every method); the
 second also replaces the surviving weights by updated ones (``sparsegpt``'s OBS update), then
@@ -47,7 +52,7 @@ from __future__ import annotations
 import zlib
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import pandas as pd
 import torch
@@ -55,12 +60,14 @@ from torch import nn
 
 from cap_lab.calibration import CalibrationSet
 from cap_lab.modeling import ModelLayout, get_layout, onload_layers
-from cap_lab.selection import ScoreFn, global_threshold, per_matrix_masks, threshold_masks
+from cap_lab.selection import ScoreFn, check_nm_shapes, nm_and_sparsity, select_masks
 from cap_lab.sequential import prune_layers_sequentially
-from cap_lab.sparsegpt import HessianStatistics, sparsegpt_prune_weight
+from cap_lab.sparsegpt import HessianStatistics, check_nm_blocks, sparsegpt_prune_weight
+from cap_lab.sparsity_allocation import OWL_LAMBDA, OWL_M, OWLAllocation, check_owl_settings, owl_allocation
 from cap_lab.wanda import InputNormStatistics, wanda_row_mask
 
 PRUNE_METHODS = ("cap", "wanda", "magnitude", "random", "sparsegpt")
+SEQUENTIAL_METHODS = ("wanda", "sparsegpt")
 KV_REDUCE = ("mean", "max")
 MAGNITUDE_SCOPES = ("global", "layer")
 MATRIX_TYPES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
@@ -72,25 +79,38 @@ class PruneConfig:
 
     Attributes:
         method: ``cap``, ``wanda``, ``magnitude``, ``random`` or ``sparsegpt``.
-        sparsity: target fraction of prunable weights set to zero, in [0, 1).
+        sparsity: target fraction of prunable weights set to zero, in [0, 1); ``None``: 0.2, or
+            with ``nm`` exactly (M - N) / M (a given sparsity must equal it).
         kv_reduce: how k/v rows shared by several query heads get their factor (``mean``/``max``).
         magnitude_scope: ``global`` threshold or the same sparsity per ``layer`` (magnitude only).
         seed: seed of ``random``.
         tolerance: allowed |achieved - target| sparsity of global-threshold methods.
         sparsegpt_block_size: columns per block of ``sparsegpt`` (mask selection, lazy updates).
         sparsegpt_damping: fraction of the mean Hessian diagonal added to it (``sparsegpt``).
+        nm: ``(N, M)``, e.g. ``(2, 4)``: keep N of every M consecutive inputs of each row.
+        owl: OWL layer-wise sparsity allocation (needs a calibration set); not with ``nm``.
+        owl_lambda: OWL's bound: every layer's sparsity within ``sparsity`` +/- lambda.
+        owl_m: OWL's outlier multiple M (a Wanda score above M x its layer's mean).
     """
 
     method: str = "cap"
-    sparsity: float = 0.2
+    sparsity: float | None = None
     kv_reduce: str = "mean"
     magnitude_scope: str = "global"
     seed: int = 0
     tolerance: float = 1e-4
     sparsegpt_block_size: int = 128
     sparsegpt_damping: float = 0.01
+    nm: tuple[int, int] | None = None
+    owl: bool = False
+    owl_lambda: float = OWL_LAMBDA
+    owl_m: float = OWL_M
 
     def __post_init__(self) -> None:
+        nm, sparsity = nm_and_sparsity(self.nm, self.sparsity)  # the one place a None sparsity is resolved
+        object.__setattr__(self, "nm", nm)
+        object.__setattr__(self, "sparsity", sparsity)
+        check_owl_settings(float(sparsity) if self.owl else 0.0, self.owl_lambda, self.owl_m, nm if self.owl else None)
         if self.method not in PRUNE_METHODS:
             raise ValueError(f"unknown pruning method {self.method!r}; allowed: {', '.join(PRUNE_METHODS)}")
         if not 0.0 <= float(self.sparsity) < 1.0:
@@ -105,6 +125,8 @@ class PruneConfig:
             raise ValueError(f"sparsegpt_block_size={self.sparsegpt_block_size!r}; must be an integer >= 1")
         if not 0.0 <= float(self.sparsegpt_damping) < 1.0:
             raise ValueError(f"sparsegpt_damping={self.sparsegpt_damping!r} is outside [0, 1)")
+        if self.method == "sparsegpt" and nm is not None:
+            check_nm_blocks(self.sparsegpt_block_size, nm)
 
 
 # ------------------------------------------------------------------ CAP scores (pure)
@@ -182,7 +204,8 @@ def random_score_fn(seed: int) -> ScoreFn:
 
 def sequential_prune(model: nn.Module, layout: ModelLayout, calib: CalibrationSet, config: PruneConfig,
                      batch_size: int = 8, progress: bool = True,
-                     execution_device: str | torch.device | None = None) -> int:
+                     execution_device: str | torch.device | None = None,
+                     layer_sparsity: Sequence[float] | None = None) -> int:
     """``wanda`` or ``sparsegpt`` over all layers in order (:mod:`cap_lab.sequential`); returns the weights selected.
 
     Layer l's statistics come from the model with layers 0..l-1 already pruned: Wanda's are
@@ -190,17 +213,18 @@ def sequential_prune(model: nn.Module, layout: ModelLayout, calib: CalibrationSe
     by a constant factor, which leaves every row's order unchanged), SparseGPT's ``2 X X^T / N``
     (:class:`cap_lab.sparsegpt.HessianStatistics`). ``execution_device``: run with only the
     current decoder layer on this device (:func:`cap_lab.modeling.offload.onload_layers`;
-    ``None``: where the model is).
+    ``None``: where the model is). ``layer_sparsity``: (L,) one sparsity per layer (OWL).
     """
-    s, block_size, damping = config.sparsity, config.sparsegpt_block_size, config.sparsegpt_damping
+    block_size, damping, nm = config.sparsegpt_block_size, config.sparsegpt_damping, config.nm
+    s = (lambda layer: config.sparsity) if layer_sparsity is None else (lambda layer: float(layer_sparsity[layer]))
     if config.method == "wanda":
         new_statistics = InputNormStatistics
         prune_layer = lambda layer, modules, stats: apply_pruning_masks(  # noqa: E731
-            (m, wanda_row_mask(m.weight, stats.sums[n], s)) for n, m in modules.items())
+            (m, wanda_row_mask(m.weight, stats.sums[n], s(layer), nm)) for n, m in modules.items())
     elif config.method == "sparsegpt":
         new_statistics = HessianStatistics
         prune_layer = lambda layer, modules, stats: apply_weight_updates(  # noqa: E731
-            (m, *sparsegpt_prune_weight(m.weight, stats.hessian(n), s, block_size, damping))
+            (m, *sparsegpt_prune_weight(m.weight, stats.hessian(n), s(layer), block_size, damping, nm))
             for n, m in modules.items())
     else:
         raise ValueError(f"method {config.method!r} is not sequential; sequential methods: wanda, sparsegpt")
@@ -261,6 +285,7 @@ class PruneResult:
         total: number of prunable weights.
         threshold: the global threshold (global-threshold methods), else ``None``.
         report: per-matrix sparsity (see :func:`sparsity_report`).
+        allocation: OWL's outlier ratios and per-layer sparsities (``owl``), else ``None``.
     """
 
     config: PruneConfig
@@ -270,10 +295,12 @@ class PruneResult:
     total: int
     threshold: float | None
     report: pd.DataFrame
+    allocation: OWLAllocation | None = None
 
     def summary(self) -> dict:
         return dict(asdict(self.config), target_sparsity=self.target_sparsity, achieved_sparsity=self.achieved_sparsity,
-                    selected=self.selected, total=self.total, threshold=self.threshold)
+                    selected=self.selected, total=self.total, threshold=self.threshold,
+                    owl_allocation=self.allocation.to_dict() if self.allocation else None)
 
 
 def prune_model(model: nn.Module, config: PruneConfig, *, head_scores: torch.Tensor | None = None,
@@ -293,7 +320,7 @@ def prune_model(model: nn.Module, config: PruneConfig, *, head_scores: torch.Ten
             it (:func:`cap_lab.modeling.offload.onload_layers`) and leaves every weight where
             it was. An execution detail, not a setting, so not part of :class:`PruneConfig`:
             the masks are the same either way. ``cap``, ``magnitude`` and ``random`` run no
-            forward (they score each matrix where it lies), so they do not use it.
+            forward (they score each matrix where it lies), except OWL's measuring pass.
 
     Returns:
         A :class:`PruneResult` with the achieved sparsity and a per-matrix report.
@@ -301,30 +328,31 @@ def prune_model(model: nn.Module, config: PruneConfig, *, head_scores: torch.Ten
     layout = get_layout(model)
     targets = layout.linear_weights(model)
     total = sum(m.weight.numel() for _, _, m in targets)
-    threshold = None
+    if (config.method in SEQUENTIAL_METHODS or config.owl) and calib is None:
+        raise ValueError(f"method {config.method!r}{' with owl' if config.owl else ''} needs a calibration set")
+    if config.nm is not None:
+        check_nm_shapes(targets, config.nm[1])  # before any weight is pruned
     if config.method == "cap":
         if head_scores is None:
             raise ValueError("method 'cap' needs head_scores (see cap_lab.scoring.head_scores)")
         if tuple(head_scores.shape) != (layout.num_layers, layout.num_heads):
             raise ValueError(f"head_scores shape {tuple(head_scores.shape)}; expected ({layout.num_layers}, {layout.num_heads})")
-        fn = cap_score_fn(head_scores, layout, config.kv_reduce)
-        lo, hi, extra = global_threshold(fn, targets, config.sparsity, config.tolerance)
-        threshold = lo
-        selected = apply_pruning_masks(threshold_masks(fn, targets, lo, hi, extra))
-    elif config.method == "magnitude" and config.magnitude_scope == "global":
-        lo, hi, extra = global_threshold(magnitude_score_fn, targets, config.sparsity, config.tolerance)
-        threshold = lo
-        selected = apply_pruning_masks(threshold_masks(magnitude_score_fn, targets, lo, hi, extra))
-    elif config.method in ("magnitude", "random"):
-        fn = magnitude_score_fn if config.method == "magnitude" else random_score_fn(config.seed)
-        selected = apply_pruning_masks(per_matrix_masks(fn, targets, config.sparsity))
-    else:  # wanda and sparsegpt, sequential over layers
-        if calib is None:
-            raise ValueError(f"method {config.method!r} needs a calibration set")
-        selected = sequential_prune(model, layout, calib, config, batch_size, progress, execution_device)
+    allocation = (owl_allocation(model, layout, calib, config.sparsity, config.owl_lambda, config.owl_m, batch_size,
+                                 execution_device) if config.owl else None)
+    shares = allocation.layer_sparsity.tolist() if allocation else None
+    threshold = None
+    if config.method in SEQUENTIAL_METHODS:
+        selected = sequential_prune(model, layout, calib, config, batch_size, progress, execution_device, shares)
+    else:
+        fn = (cap_score_fn(head_scores, layout, config.kv_reduce) if config.method == "cap"
+              else random_score_fn(config.seed) if config.method == "random" else magnitude_score_fn)
+        per_matrix = config.method == "random" or (config.method == "magnitude" and config.magnitude_scope == "layer")
+        masks, threshold = select_masks(fn, targets, config.sparsity, scope="matrix" if per_matrix else "global",
+                                        nm=config.nm, layer_sparsity=shares, tolerance=config.tolerance)
+        selected = apply_pruning_masks(masks)
     report = sparsity_report(model, layout)
     achieved = float(report["zeros"].sum() / report["numel"].sum())
-    return PruneResult(config, float(config.sparsity), achieved, selected, total, threshold, report)
+    return PruneResult(config, float(config.sparsity), achieved, selected, total, threshold, report, allocation)
 
 
 def sparsity_report(model: nn.Module, layout: ModelLayout | None = None) -> pd.DataFrame:

@@ -14,8 +14,8 @@ so no tensor of all scores is ever built.
   layer's share (a per-layer sparsity from :mod:`cap_lab.sparsity_allocation`, e.g. OWL);
 * :func:`nm_prune_mask` / :func:`nm_masks`: N:M semi-structured sparsity (Mishra et al., 2021,
   "Accelerating Sparse Deep Neural Networks", the 2:4 pattern of NVIDIA Ampere sparse tensor
-  cores; used for LLMs by SparseGPT, Frantar & Alistarh 2023, Sec. 3.5, and Wanda, Sun et al.
-  2024, Sec. 4): in every row of an (out, in) matrix and every group of M consecutive input
+  cores; used for LLMs by SparseGPT, Frantar & Alistarh 2023, and Wanda, Sun et al. 2024, in
+  their semi-structured extensions): in every row of an (out, in) matrix and every group of M consecutive input
   columns, the N highest scores are kept and the M - N others pruned, so the sparsity is
   exactly (M - N) / M whatever the scores. Any score works: ``|W|`` (magnitude),
   ``|W| * ||X_j||`` (Wanda's ``prune_n``/``prune_m``), CAP's Eq. 4 ``|W| * I``, seeded noise;
@@ -174,6 +174,26 @@ def nm_sparsity(nm: tuple[int, int]) -> float:
     """The exact sparsity of an N:M pattern, (M - N) / M."""
     n, m = check_nm(nm)
     return (m - n) / m
+
+
+def nm_and_sparsity(nm: tuple[int, int] | None, sparsity: float | None,
+                    default: float = 0.2) -> tuple[tuple[int, int] | None, float]:
+    """Reconcile an N:M pattern with a sparsity: ``(nm as a tuple or None, the sparsity)``.
+
+    Without ``nm`` the sparsity is ``sparsity`` (``default`` when ``None``). With ``nm`` it is
+    exactly (M - N) / M: ``sparsity`` may be omitted (``None``) or equal to it.
+
+    Raises:
+        ValueError: a bad pattern, or a sparsity that conflicts with the pattern.
+    """
+    if nm is None:
+        return None, default if sparsity is None else sparsity
+    n, m = check_nm(tuple(nm) if isinstance(nm, list) else nm)
+    implied = (m - n) / m
+    if sparsity is not None and abs(float(sparsity) - implied) > 1e-9:
+        raise ValueError(f"sparsity={sparsity!r} conflicts with nm={n}:{m}, which prunes exactly (M - N) / M = "
+                         f"{implied:g}; omit the sparsity or give {implied:g}")
+    return (n, m), implied
 
 
 def check_nm_shapes(targets: list[Target], m: int) -> None:

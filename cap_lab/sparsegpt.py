@@ -33,6 +33,13 @@ count)``: exactly ``s * numel`` when every block's ``s * out * count`` is whole 
 even ``out``). The matrix's zeros equal that count unless a block holds more weights of dead
 inputs than it selects (they are zeroed anyway) or a kept weight is exactly zero.
 
+N:M (``nm=(N, M)``; the paper's semi-structured extension, the reference's ``prunen``/``prunem``):
+instead of the block mask, each group of M consecutive columns gets its mask when the column loop
+reaches the group's first column, from the saliencies of the weights as updated so far: in every
+row the M - N lowest of the group are removed (:func:`cap_lab.selection.nm_prune_mask`). The blocks must
+hold whole groups (``block_size`` a multiple of M), and the removed count is exactly
+``(M - N) / M * numel`` (before dead inputs).
+
 Precision: the computation runs in float32 (float64 for a float64 weight), whatever the
 model's dtype; :func:`sparsegpt_prune_weight` is pure and returns the mask and the new weight;
 :func:`cap_lab.pruning.apply_weight_updates` writes them.
@@ -41,6 +48,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from cap_lab.selection import check_nm, nm_prune_mask
 
 
 class HessianStatistics:
@@ -73,9 +82,29 @@ class HessianStatistics:
         return self.sums[name] * (2.0 / self.tokens[name])
 
 
-def sparsegpt_selected_count(rows: int, cols: int, sparsity: float, block_size: int = 128) -> int:
+def sparsegpt_selected_count(rows: int, cols: int, sparsity: float, block_size: int = 128,
+                             nm: tuple[int, int] | None = None) -> int:
     """How many weights :func:`sparsegpt_prune_weight` selects in a (rows, cols) matrix."""
+    if nm is not None:
+        return rows * cols // nm[1] * (nm[1] - nm[0])
     return sum(int(sparsity * rows * (min(start + block_size, cols) - start)) for start in range(0, cols, block_size))
+
+
+def check_nm_blocks(block_size: int, nm: tuple[int, int]) -> tuple[int, int]:
+    """An N:M pattern ``(n, m)`` that blocks of ``block_size`` columns hold whole groups of (else ValueError)."""
+    n, m = check_nm(nm)
+    if block_size % m:
+        raise ValueError(f"sparsegpt_block_size={block_size} with nm={n}:{m}: SparseGPT's blocks must hold whole "
+                         f"groups, a multiple of M={m}")
+    return n, m
+
+
+def _check_nm(weight: torch.Tensor, block_size: int, nm: tuple[int, int]) -> tuple[int, int]:
+    n, m = check_nm_blocks(block_size, nm)
+    if weight.shape[1] % m:
+        raise ValueError(f"N:M sparsity with M={m}: weight of shape {tuple(weight.shape)} (out, in), and "
+                         f"in={weight.shape[1]} is not a multiple of M")
+    return n, m
 
 
 def _check(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, block_size: int, damping: float) -> None:
@@ -120,7 +149,7 @@ def _block_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 @torch.no_grad()
 def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, block_size: int = 128,
-                           damping: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+                           damping: float = 0.01, nm: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune one linear's weight with SparseGPT (pure: ``weight`` is not changed).
 
     Args:
@@ -129,6 +158,7 @@ def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, sparsity
         sparsity: fraction of each block's weights to remove, in [0, 1).
         block_size: columns per block (mask selection and lazy updates), 128 in the paper.
         damping: fraction of the mean Hessian diagonal added to it, 0.01 in the paper.
+        nm: ``(N, M)``: the N:M pattern instead of ``sparsity`` (see the module docstring).
 
     Returns:
         ``(mask, new_weight)``: (out, in) bool, True where removed (exactly
@@ -142,6 +172,7 @@ def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, sparsity
         (96, True)
     """
     _check(weight, hessian, sparsity, block_size, damping)
+    n, m = _check_nm(weight, block_size, nm) if nm is not None else (0, 0)
     dtype = torch.promote_types(weight.dtype, torch.float32)
     w = weight.detach().to(dtype, copy=True)  # (out, in), updated in place below
     u, dead = inverse_hessian_factor(hessian.detach().to(w.device, dtype), damping)  # (in, in), (in,)
@@ -152,9 +183,12 @@ def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, sparsity
         end = min(start + block_size, cols)
         block, u_block = w[:, start:end], u[start:end, start:end]  # views (out, count), (count, count)
         diag = torch.diagonal(u_block)  # (count,)
-        block_mask = _block_mask((block / diag) ** 2, sparsity)  # (out, count), adaptive: current weights
+        block_mask = (_block_mask((block / diag) ** 2, sparsity) if not m  # (out, count), adaptive: current weights
+                      else torch.zeros_like(block, dtype=torch.bool))
         errors = torch.zeros_like(block)  # (out, count): e = removed weight / U_cc
         for c in range(end - start):
+            if m and c % m == 0:  # N:M: this group's mask from the weights as updated so far
+                block_mask[:, c:c + m] = nm_prune_mask((block[:, c:c + m] / diag[c:c + m]) ** 2, n, m)
             errors[:, c] = torch.where(block_mask[:, c], block[:, c], 0.0) / diag[c]
             block[:, c + 1:] -= errors[:, c:c + 1] * u_block[c:c + 1, c + 1:]  # OBS update inside the block
             block[:, c].masked_fill_(block_mask[:, c], 0.0)

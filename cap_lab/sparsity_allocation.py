@@ -1,5 +1,6 @@
 """Layer-wise sparsity allocation: OWL (Yin et al., 2024, "Outlier Weighed Layerwise Sparsity
-(OWL): A Missing Secret Sauce for Pruning LLMs to High Sparsity", ICML, Sec. 3-4).
+(OWL): A Missing Secret Sauce for Pruning LLMs to High Sparsity", ICML; reference code
+luuyin/OWL).
 
 OWL gives decoder layers that hold more activation outliers a lower sparsity, keeping the
 average at the target:
@@ -9,8 +10,7 @@ average at the target:
    prunable matrices of the layer together (as the authors' code does; ``M = 5`` there).
    Input norms come from one dense forward over the calibration set: the authors measure
    every layer on the unpruned model, so no layer-by-layer replay is needed
-   (:func:`input_sq_sums`; the statistic is :func:`add_token_sq_sums`, the one Wanda's pass in
-   :mod:`cap_lab.pruning` accumulates).
+   (:func:`input_sq_sums`, with Wanda's own accumulator and score from :mod:`cap_lab.wanda`).
 2. **Allocation** (:func:`owl_layer_sparsities`): ``D`` is min-max scaled to ``[0, 2 lambda]``
    and subtracted from the target, then shifted so that the mean sparsity equals the target:
    ``s_l = S - 2 lambda (D_l - min D) / (max D - min D) + c``. The paper bounds every layer to
@@ -36,29 +36,29 @@ from torch import nn
 
 from cap_lab.calibration import CalibrationSet
 from cap_lab.modeling import ModelLayout, capture_inputs, model_device, onload_layers
+from cap_lab.wanda import InputNormStatistics, wanda_score
 
 OWL_LAMBDA = 0.08  # the authors' default (LLaMA scripts)
 OWL_M = 5.0
 
 
-# ------------------------------------------------------------------ input statistics (Wanda's)
-def add_token_sq_sums(total: torch.Tensor, x: torch.Tensor, token_mask: torch.Tensor) -> None:
-    """Add the per-feature sum of squares of ``x`` over real tokens to ``total``, in place.
+def check_owl_settings(sparsity: float, lam: float, m: float, nm: tuple[int, int] | None = None) -> None:
+    """Validate OWL's settings before any work.
 
-    Args:
-        total: (in,) float64 accumulator, on the CPU.
-        x: (B, S, in) inputs of a linear layer.
-        token_mask: (B, S) 1 for real tokens, 0 for padding.
+    Raises:
+        ValueError: ``lam`` < 0, ``sparsity + lam`` >= 1, ``m`` <= 0, or an N:M pattern ``nm``
+            (which prunes every layer alike), naming the value.
     """
-    keep = token_mask.to(x.device, torch.float32).unsqueeze(-1)  # (B, S, 1)
-    total += ((x.float() ** 2) * keep).sum(dim=(0, 1)).double().cpu()
+    if nm is not None:
+        raise ValueError(f"owl with nm={nm[0]}:{nm[1]}: an N:M pattern prunes every layer to the same "
+                         f"{(nm[1] - nm[0]) / nm[1]:g}; choose one")
+    if not 0.0 <= lam < 1.0 or sparsity + lam >= 1.0:
+        raise ValueError(f"owl_lambda={lam!r}: need lambda >= 0 and sparsity + lambda < 1 (sparsity={sparsity!r})")
+    if not m > 0:
+        raise ValueError(f"owl_m={m!r}; the outlier threshold multiple must be > 0")
 
 
-def wanda_score(weight: torch.Tensor, input_sq_sum: torch.Tensor) -> torch.Tensor:
-    """Wanda's score (Sun et al., 2024, Eq. 1): (out, in) weight, (in,) sum of squares -> (out, in) float32."""
-    return weight.detach().abs().float() * input_sq_sum.float().to(weight.device).sqrt().view(1, -1)
-
-
+# ------------------------------------------------------------------ input statistics (Wanda's)
 @torch.inference_mode()
 def input_sq_sums(model: nn.Module, layout: ModelLayout, calib: CalibrationSet, batch_size: int = 8,
                   execution_device: str | torch.device | None = None) -> dict[tuple[int, str], torch.Tensor]:
@@ -76,17 +76,17 @@ def input_sq_sums(model: nn.Module, layout: ModelLayout, calib: CalibrationSet, 
         ``{(layer, projection): (in,) float64}`` on the CPU.
     """
     modules = {f"{l}.{n}": m for l, n, m in layout.linear_weights(model)}
-    sums = {key: torch.zeros(m.in_features, dtype=torch.float64) for key, m in modules.items()}
+    stats = InputNormStatistics(modules)  # Wanda's accumulator, over every layer at once
     current = {}
     with ExitStack() as stack:
         if execution_device is not None:
             stack.enter_context(onload_layers(model, layout, execution_device))
         device = model_device(model)
-        stack.enter_context(capture_inputs(modules, lambda key, x: add_token_sq_sums(sums[key], x, current["mask"])))
+        stack.enter_context(capture_inputs(modules, lambda key, x: stats.add(key, x, current["mask"])))
         for batch in calib.batches(list(range(len(calib.items))), batch_size, device):
             current["mask"] = batch.attention_mask  # (B, S)
             layout.decoder(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    return {(int(key.split(".")[0]), key.split(".")[1]): s for key, s in sums.items()}
+    return {(int(key.split(".")[0]), key.split(".")[1]): s for key, s in stats.sums.items()}
 
 
 # ------------------------------------------------------------------ outlier ratios (pure)
@@ -134,8 +134,7 @@ def owl_layer_sparsities(outlier_ratios: Sequence[float] | torch.Tensor, target:
         raise ValueError(f"outlier_ratios={d.tolist()}; need one finite value >= 0 per layer")
     if not 0.0 <= target < 1.0:
         raise ValueError(f"sparsity={target!r} is outside [0, 1)")
-    if not 0.0 <= lam < 1.0 or target + lam >= 1.0:
-        raise ValueError(f"owl_lambda={lam!r}: need lambda >= 0 and sparsity + lambda < 1 (sparsity={target!r})")
+    check_owl_settings(target, lam, OWL_M)
     w = torch.ones_like(d) if weights is None else torch.as_tensor(weights, dtype=torch.float64).flatten()
     if w.shape != d.shape or not bool((w > 0).all()):
         raise ValueError(f"weights={w.tolist()}; need {d.numel()} positive layer sizes")
@@ -189,9 +188,7 @@ def owl_allocation(model: nn.Module, layout: ModelLayout, calib: CalibrationSet,
     sparsity is the target (every layer of the supported families has the same size, where
     this is the authors' plain mean).
     """
-    owl_layer_sparsities([0.0], target, lam)  # bad settings fail before the forward
-    if not m > 0:
-        raise ValueError(f"owl_m={m!r}; the outlier threshold multiple must be > 0")
+    check_owl_settings(target, lam, m)  # bad settings fail before the forward
     ratios = layer_outlier_ratios(model, layout, input_sq_sums(model, layout, calib, batch_size, execution_device), m)
     sizes = [0] * layout.num_layers
     for l, _, mod in layout.linear_weights(model):

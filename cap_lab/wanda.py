@@ -8,7 +8,11 @@ of every output row separately (the per-output comparison group, Sec. 3). Here:
   non-padding tokens (Wanda's running mean differs by a constant factor, which leaves every
   row's order unchanged), accumulated by :func:`cap_lab.sequential.prune_layers_sequentially`
   on the already-pruned prefix, as locuslab/wanda does;
-* :func:`wanda_row_mask`: the selection, the lowest ``int(in * s)`` of each row (stable sort).
+* :func:`wanda_row_mask`: the selection, the lowest ``int(in * s)`` of each row (stable sort),
+  or with ``nm=(N, M)`` the N:M pattern on the same score (the reference's ``prune_n``/``prune_m``:
+  in every group of M consecutive inputs of a row, the N highest scores are kept);
+* :func:`wanda_score`: the score itself (also OWL's outlier statistic,
+  :mod:`cap_lab.sparsity_allocation`).
 
 Pure: nothing here changes a weight (:func:`cap_lab.pruning.apply_pruning_masks` does).
 """
@@ -17,13 +21,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cap_lab.selection import nm_prune_mask
 
-def wanda_row_mask(weight: torch.Tensor, input_norm_sq: torch.Tensor, sparsity: float) -> torch.Tensor:
+
+def wanda_score(weight: torch.Tensor, input_norm_sq: torch.Tensor) -> torch.Tensor:
+    """Eq. 1, ``|W_ij| * ||X_j||_2``: (out, in) weight, (in,) sum of squares -> (out, in) float32."""
+    return weight.detach().abs().float() * input_norm_sq.float().to(weight.device).sqrt().view(1, -1)
+
+
+def wanda_row_mask(weight: torch.Tensor, input_norm_sq: torch.Tensor, sparsity: float,
+                   nm: tuple[int, int] | None = None) -> torch.Tensor:
     """Wanda's per-output-row selection. weight: (out, in); input_norm_sq: (in,) sum of squares.
 
-    Returns a (out, in) bool mask of the lowest ``int(in * sparsity)`` of ``|W| * ||X||`` per row.
+    Returns a (out, in) bool mask of the lowest ``int(in * sparsity)`` of ``|W| * ||X||`` per row,
+    or, with ``nm``, of the M - N lowest of every group of M consecutive inputs of a row
+    (``sparsity`` is then unused).
     """
-    metric = weight.detach().abs().float() * input_norm_sq.float().to(weight.device).sqrt().view(1, -1)
+    metric = wanda_score(weight, input_norm_sq)
+    if nm is not None:
+        return nm_prune_mask(metric, *nm)
     k = int(weight.shape[1] * sparsity)
     mask = torch.zeros_like(metric, dtype=torch.bool)
     if k:

@@ -1,15 +1,24 @@
 """N:M semi-structured sparsity (cap_lab.selection) and OWL layer-wise allocation (cap_lab.sparsity_allocation)."""
+import json
+
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from cap_lab.calibration import CalibrationConfig, build_calibration_set
+from cap_lab.cli import main
 from cap_lab.modeling import capture_inputs, get_layout
 from cap_lab.models import TINY_ARCHS, tiny_random_model
-from cap_lab.pruning import apply_pruning_masks, cap_score_fn, magnitude_score_fn, random_score_fn
-from cap_lab.selection import check_nm, nm_group_nonzeros, nm_prune_mask, nm_sparsity, select_masks
-from cap_lab.sparsity_allocation import (
-    add_token_sq_sums, input_sq_sums, layer_outlier_ratios, outlier_ratio, owl_allocation, owl_layer_sparsities,
+from cap_lab.pruning import (
+    PruneConfig, apply_pruning_masks, cap_score_fn, magnitude_score_fn, prune_model, random_score_fn, sparsity_by,
 )
+from cap_lab.saving import read_prune_info
+from cap_lab.selection import check_nm, nm_group_nonzeros, nm_prune_mask, nm_sparsity, select_masks
+from cap_lab.sparsegpt import sparsegpt_prune_weight, sparsegpt_selected_count
+from cap_lab.sparsity_allocation import (
+    input_sq_sums, layer_outlier_ratios, outlier_ratio, owl_allocation, owl_layer_sparsities,
+)
+from cap_lab.wanda import wanda_row_mask, wanda_score
 
 from conftest import state_copy
 
@@ -168,9 +177,6 @@ def test_input_sq_sums_equal_a_direct_computation(data_dir):
                 lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask)
     for (l, n), s in sums.items():
         torch.testing.assert_close(s, direct[f"{l}.{n}"], rtol=1e-5, atol=1e-6)
-    total = torch.zeros(2, dtype=torch.float64)
-    add_token_sq_sums(total, torch.tensor([[[1.0, 2.0], [3.0, 4.0]]]), torch.tensor([[1, 0]]))
-    assert total.tolist() == [1.0, 4.0]
 
 
 def test_owl_on_a_tiny_model_hits_the_target_layer_by_layer(data_dir):
@@ -221,3 +227,150 @@ def test_layer_outlier_ratios_count_per_layer(data_dir):
     for l in range(layout.num_layers):
         w = torch.cat([m.weight.abs().flatten() for ll, _, m in layout.linear_weights(lm.model) if ll == l])
         assert float(ratios[l]) == pytest.approx(float((w > 2 * w.mean()).double().mean()))
+
+
+# ------------------------------------------------------------------ through PruneConfig / prune_model
+def test_prune_config_reconciles_nm_and_sparsity():
+    assert PruneConfig().sparsity == 0.2 and PruneConfig(nm=(2, 4)).sparsity == 0.5
+    assert PruneConfig(nm=[4, 8], sparsity=0.5).nm == (4, 8) and PruneConfig(nm=(1, 4)).sparsity == 0.75
+    for kwargs, needle in [(dict(nm=(2, 4), sparsity=0.3), "sparsity=0.3 conflicts with nm=2:4"),
+                           (dict(nm=(3, 2)), r"nm=\(3, 2\)"), (dict(owl=True, nm=(2, 4)), "owl with nm=2:4"),
+                           (dict(owl=True, owl_lambda=-0.1), "owl_lambda=-0.1"), (dict(owl_m=0.0), "owl_m=0.0"),
+                           (dict(owl=True, sparsity=0.95), "owl_lambda=0.08"),
+                           (dict(method="sparsegpt", nm=(2, 4), sparsegpt_block_size=6), "sparsegpt_block_size=6")]:
+        with pytest.raises(ValueError, match=needle):
+            PruneConfig(**kwargs)
+
+
+def obvious_nm_sparsegpt(weight, hessian, n, m, damping=0.01):
+    """SparseGPT's N:M (reference ``prunen``/``prunem``) written out in float64 with explicit inverses:
+    at the first column of each group, every row removes its M - N lowest ``w^2 / [H_F^-1]_cc`` of the
+    group (current weights); then the textbook OBS update of each removed weight, column by column."""
+    w, h = weight.double().clone(), hessian.double().clone()
+    rows, cols = w.shape
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damping * h.diagonal().mean() * torch.eye(cols, dtype=torch.float64)
+    free_inverse = [torch.linalg.inv(h[c:, c:]) for c in range(cols)]
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    for c in range(cols):
+        if c % m == 0:
+            for r in range(rows):
+                saliency = [float(w[r, c + j] ** 2 / free_inverse[c + j][0, 0]) for j in range(m)]
+                for j in sorted(range(m), key=lambda j: (saliency[j], j))[:m - n]:
+                    mask[r, c + j] = True
+        for r in range(rows):
+            if mask[r, c]:
+                w[r, c:] -= w[r, c] / free_inverse[c][0, 0] * free_inverse[c][0]
+                w[r, c] = 0.0
+    return mask, w
+
+
+@pytest.mark.parametrize("nm, block_size", [((2, 4), 8), ((2, 4), 24), ((4, 8), 8)])
+def test_sparsegpt_nm_equals_the_obvious_loop(nm, block_size):
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(6, 24, generator=g, dtype=torch.float64)
+    x = torch.randn(64, 24, generator=g, dtype=torch.float64) @ torch.randn(24, 24, generator=g, dtype=torch.float64)
+    h = 2 * x.T @ x / 64
+    expected_mask, expected = obvious_nm_sparsegpt(w, h, *nm)
+    mask, new = sparsegpt_prune_weight(w, h, 0.5, block_size=block_size, nm=nm)
+    assert torch.equal(mask, expected_mask) and int(mask.sum()) == sparsegpt_selected_count(6, 24, 0.5, nm=nm) == 72
+    torch.testing.assert_close(new, expected, rtol=0, atol=1e-10)
+    assert bool((nm_group_nonzeros(new, nm[1]) == nm[0]).all())
+    with pytest.raises(ValueError, match="sparsegpt_block_size=6 with nm=2:4"):
+        sparsegpt_prune_weight(w, h, 0.5, block_size=6, nm=(2, 4))
+
+
+def test_wanda_nm_is_the_nm_mask_of_wandas_score():
+    g = torch.Generator().manual_seed(5)
+    w, norms = torch.randn(4, 16, generator=g), torch.rand(16, generator=g) * 10
+    assert torch.equal(wanda_row_mask(w, norms, 0.3, nm=(2, 4)), nm_prune_mask(w.abs() * norms.sqrt(), 2, 4))
+    assert torch.equal(wanda_score(w, norms), w.abs() * norms.sqrt())
+
+
+@pytest.mark.parametrize("config", [PruneConfig(method="cap", nm=(2, 4)), PruneConfig(method="wanda", nm=(2, 4)),
+                                    PruneConfig(method="sparsegpt", nm=(2, 4), sparsegpt_block_size=16),
+                                    PruneConfig(method="magnitude", nm=(4, 8)),
+                                    PruneConfig(method="magnitude", magnitude_scope="layer", nm=(2, 4)),
+                                    PruneConfig(method="random", nm=(4, 8)), PruneConfig(method="sparsegpt", nm=(4, 8))],
+                         ids=lambda c: f"{c.method}-{c.magnitude_scope}-{c.nm[0]}:{c.nm[1]}")
+def test_prune_model_gives_the_exact_nm_pattern(config, data_dir, one_thread):
+    lm = tiny_random_model("gemma3")  # o_proj has 64 inputs, the others 32 and 48
+    layout = get_layout(lm.model)
+    res = prune_model(lm.model, config, head_scores=torch.rand(layout.num_layers, layout.num_heads),
+                      calib=small_calib(lm, data_dir), progress=False)
+    assert res.achieved_sparsity == 0.5 and res.threshold is None and res.summary()["nm"] == config.nm
+    assert_exact_nm(lm.model, config.nm)
+
+
+def test_prune_model_checks_nm_shapes_before_pruning(data_dir):
+    lm = tiny_random_model("llama", intermediate_size=44)
+    before = state_copy(lm.model)
+    with pytest.raises(ValueError, match=r"layer 0 down_proj has shape \(32, 44\)"):
+        prune_model(lm.model, PruneConfig(method="wanda", nm=(4, 8)), calib=small_calib(lm, data_dir), progress=False)
+    assert all(torch.equal(v, lm.model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="'magnitude' with owl needs a calibration set"):
+        prune_model(lm.model, PruneConfig(method="magnitude", owl=True))
+
+
+@pytest.mark.parametrize("config, slack", [
+    (PruneConfig(method="cap", sparsity=0.5, owl=True, owl_lambda=0.1), 1e-3),
+    (PruneConfig(method="magnitude", sparsity=0.5, owl=True, owl_lambda=0.1), 1e-3),
+    (PruneConfig(method="magnitude", magnitude_scope="layer", sparsity=0.5, owl=True, owl_lambda=0.1), 1e-3),
+    (PruneConfig(method="random", sparsity=0.5, owl=True, owl_lambda=0.1), 1e-3),
+    (PruneConfig(method="wanda", sparsity=0.5, owl=True, owl_lambda=0.1), 1 / 32),  # int(in * s_l) per row, in >= 32
+    (PruneConfig(method="sparsegpt", sparsity=0.5, owl=True, owl_lambda=0.1), 1e-3),
+], ids=lambda c: f"{c.method}-{c.magnitude_scope}" if isinstance(c, PruneConfig) else "")
+def test_owl_prunes_every_layer_to_its_share(config, slack, data_dir, one_thread):
+    """Achieved per-layer sparsities follow OWL's allocation; their numel-weighted mean (the model's
+    sparsity; every layer has the same numel here, so also the plain mean) is the target."""
+    lm = tiny_random_model("llama", num_hidden_layers=4)
+    layout = get_layout(lm.model)
+    with torch.no_grad():
+        for _, _, m in [t for t in layout.linear_weights(lm.model) if t[0] == 2]:
+            m.weight[:, :2] *= 40  # layer 2 holds the outliers
+    res = prune_model(lm.model, config, head_scores=torch.rand(layout.num_layers, layout.num_heads),
+                      calib=small_calib(lm, data_dir), progress=False)
+    shares = res.allocation.layer_sparsity
+    assert float(shares.mean()) == pytest.approx(0.5, abs=1e-12) and int(torch.argmin(shares)) == 2
+    by_layer = sparsity_by(res.report, "layer")
+    achieved = torch.tensor(by_layer["sparsity"].tolist(), dtype=torch.float64)
+    assert float((achieved - shares).abs().max()) <= slack
+    assert abs(res.achieved_sparsity - 0.5) <= slack
+    assert res.summary()["owl_allocation"]["layer_sparsity"] == shares.tolist()
+
+
+# ------------------------------------------------------------------ command line
+def test_cli_nm_checkpoint_reloads_with_the_exact_pattern(tiny_dir, data_dir, tmp_path, capsys, one_thread):
+    common = ["--model", str(tiny_dir), "--data-dir", str(data_dir), "--calib-per-task", "2", "--subsets", "2",
+              "--max-length", "32"]
+    out = tmp_path / "cap-2-4"
+    assert main(["prune", *common, "--method", "cap", "--nm", "2:4", "--out", str(out)]) == 0
+    assert "2:4 pattern: at most 2 non-zeros in every group of 4 inputs, in all 21 matrices" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert_exact_nm(model, (2, 4))
+    info = read_prune_info(out)
+    assert info["nm"] == [2, 4] and info["sparsity"] == 0.5 and info["achieved_sparsity"] == 0.5
+    assert json.loads((out / "cap_lab.json").read_text())["method"] == "cap"
+    owl = tmp_path / "owl"
+    assert main(["prune", *common, "--method", "magnitude", "--sparsity", "0.4", "--owl", "--owl-lambda", "0.1",
+                 "--owl-m", "3", "--out", str(owl)]) == 0
+    info = read_prune_info(owl)["owl_allocation"]
+    assert info["owl_lambda"] == 0.1 and info["owl_m"] == 3.0 and len(info["layer_sparsity"]) == 3
+    assert sum(info["layer_sparsity"]) / 3 == pytest.approx(0.4) and "owl: layer sparsities" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--method", "magnitude"], "--sparsity is required (or --nm N:M"),
+    (["--nm", "4:2"], "argument --nm: '4:2' is not an N:M pattern"),
+    (["--nm", "2-4"], "argument --nm: '2-4' is not an N:M pattern"),
+    (["--nm", "2:4", "--sparsity", "0.3"], "sparsity=0.3 conflicts with nm=2:4"),
+    (["--nm", "2:4", "--owl"], "owl with nm=2:4"),
+    (["--sparsity", "0.5", "--owl", "--owl-m", "0"], "argument --owl-m"),
+])
+def test_cli_nm_owl_mistakes_are_one_line(args, needle, data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CAP_LAB_DATA", str(data_dir))
+    assert main(["prune", *args, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cap-lab: error:") and needle in err and "\n" not in err

@@ -9,21 +9,40 @@ weights (same fingerprint) before any calibration or pruning work.
 calibration...) and, as ``calibration``, the calibration settings that produced what was used:
 the scores' own for ``cap`` (from the scores file, not this command's calibration flags, which
 ``--scores`` leaves unused), the calibration set built here for ``wanda`` and ``sparsegpt``.
+
+``--nm 2:4`` (or 4:8) prunes to the N:M pattern with the method's own score and fixes the
+sparsity at (M - N) / M (``--sparsity`` may then be omitted); the pattern is checked in every
+prunable matrix before saving. ``--owl`` allocates ``--sparsity`` over the layers by their
+outlier ratios (OWL; needs the calibration set, for every method).
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
 from cap_lab.calibration import build_calibration_set
-from cap_lab.cli.checks import check_data_source, device, fraction, int_at_least
+from cap_lab.cli.checks import check_data_source, device, fraction, int_at_least, positive_float
 from cap_lab.cli.common import add_calibration_args, add_model_args, calibration_config_from_args, load_model_from_args
 from cap_lab.cli.scores_json import check_scores_fit, read_scores_json, score_provenance
+from cap_lab.modeling import get_layout
 from cap_lab.pruning import KV_REDUCE, MAGNITUDE_SCOPES, PRUNE_METHODS, PruneConfig, prune_model, sparsity_by
 from cap_lab.saving import check_output_folder, save_pruned
 from cap_lab.scoring import head_scores
+from cap_lab.selection import check_nm, nm_group_nonzeros
+from cap_lab.sparsity_allocation import OWL_LAMBDA, OWL_M
 
 SEQUENTIAL = ("wanda", "sparsegpt")  # methods that prune layer by layer from calibration inputs
+
+
+def nm_pattern(text: str) -> tuple[int, int]:
+    """An argparse type: ``N:M`` with integers 0 < N < M (keep N of every M), e.g. ``2:4``."""
+    try:
+        n, m = (int(part) for part in text.split(":"))
+        return check_nm((n, m))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an N:M pattern; give integers 0 < N < M as N:M, "
+                                         "e.g. 2:4 or 4:8") from None
 
 
 def add_parser(sub) -> None:
@@ -31,7 +50,16 @@ def add_parser(sub) -> None:
     add_model_args(p)
     add_calibration_args(p)
     p.add_argument("--method", choices=PRUNE_METHODS, default="cap", help=f"one of {', '.join(PRUNE_METHODS)}")
-    p.add_argument("--sparsity", type=fraction, required=True, help="target sparsity in [0, 1)")
+    p.add_argument("--sparsity", type=fraction, default=None,
+                   help="target sparsity in [0, 1) (required unless --nm, which fixes it at (M - N) / M)")
+    p.add_argument("--nm", type=nm_pattern, default=None,
+                   help="N:M semi-structured sparsity, e.g. 2:4 or 4:8: keep N of every M consecutive inputs of each row")
+    p.add_argument("--owl", action="store_true",
+                   help="OWL layer-wise sparsity: layers with more outliers are pruned less (mean = --sparsity)")
+    p.add_argument("--owl-lambda", type=fraction, default=OWL_LAMBDA,
+                   help=f"owl: every layer within --sparsity +/- lambda (default {OWL_LAMBDA})")
+    p.add_argument("--owl-m", type=positive_float, default=OWL_M,
+                   help=f"owl: a Wanda score above M x its layer's mean is an outlier (default {OWL_M:g})")
     p.add_argument("--kv-reduce", choices=KV_REDUCE, default="mean", help=f"GQA k/v factor: {', '.join(KV_REDUCE)}")
     p.add_argument("--magnitude-scope", choices=MAGNITUDE_SCOPES, default="global", help=f"{', '.join(MAGNITUDE_SCOPES)}")
     p.add_argument("--sparsegpt-block-size", type=int_at_least(1), default=128,
@@ -51,18 +79,21 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    if args.sparsity is None and args.nm is None:
+        raise ValueError("prune: --sparsity is required (or --nm N:M, which fixes the sparsity at (M - N) / M)")
     config = PruneConfig(method=args.method, sparsity=args.sparsity, kv_reduce=args.kv_reduce,
                          magnitude_scope=args.magnitude_scope, seed=args.seed,
-                         sparsegpt_block_size=args.sparsegpt_block_size, sparsegpt_damping=args.sparsegpt_damping)
+                         sparsegpt_block_size=args.sparsegpt_block_size, sparsegpt_damping=args.sparsegpt_damping,
+                         nm=args.nm, owl=args.owl, owl_lambda=args.owl_lambda, owl_m=args.owl_m)
     if args.scores and config.method != "cap":
         print(f"cap-lab: warning: --scores is used by --method cap only; {config.method} ignores it", file=sys.stderr)
-    if args.execution_device and config.method not in SEQUENTIAL:
-        print(f"cap-lab: warning: --execution-device is used by --method wanda and sparsegpt only; {config.method} "
-              "runs no forward pass", file=sys.stderr)
+    if args.execution_device and config.method not in SEQUENTIAL and not config.owl:
+        print(f"cap-lab: warning: --execution-device is used by --method wanda and sparsegpt (and --owl) only; "
+              f"{config.method} runs no forward pass", file=sys.stderr)
     calib_config = calibration_config_from_args(args)
     out = check_output_folder(args.out, args.overwrite)  # every check before the slow load
     scores_file = read_scores_json(args.scores) if args.scores and config.method == "cap" else None
-    needs_calib = config.method in SEQUENTIAL or (config.method == "cap" and scores_file is None)
+    needs_calib = config.method in SEQUENTIAL or config.owl or (config.method == "cap" and scores_file is None)
     if needs_calib:
         check_data_source(args.data_dir)
     start = time.perf_counter()
@@ -87,6 +118,17 @@ def run(args) -> int:
     print(by_matrix.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     print(f"{config.method}: target sparsity {config.sparsity:.4f}, achieved {result.achieved_sparsity:.6f} "
           f"of {result.total} prunable weights")
+    if config.nm is not None:
+        n, m = config.nm
+        matrices = [mod.weight for _, _, mod in get_layout(lm.model).linear_weights(lm.model)]
+        broken = sum(int((nm_group_nonzeros(w, m) > n).any()) for w in matrices)
+        if broken:  # an internal error, never a user's: refuse to save a checkpoint that is not N:M
+            raise RuntimeError(f"{broken} of {len(matrices)} matrices break the {n}:{m} pattern")
+        print(f"{n}:{m} pattern: at most {n} non-zeros in every group of {m} inputs, in all {len(matrices)} matrices")
+    if result.allocation is not None:
+        shares = result.allocation.layer_sparsity
+        print(f"owl: layer sparsities {float(shares.min()):.4f}..{float(shares.max()):.4f} (lambda {config.owl_lambda:g}, "
+              f"M {config.owl_m:g}); by layer: {' '.join(f'{x:.3f}' for x in shares.tolist())}")
     calibration = provenance["calibration"] if provenance else calib.config.to_dict() if calib is not None else None
     meta = dict(result.summary(), source_model=source_identity, scores=provenance, calibration=calibration,
                 score_cache_key=provenance["cache_key"] if provenance else None)
