@@ -177,6 +177,8 @@ def test_input_sq_sums_equal_a_direct_computation(data_dir):
                 lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask)
     for (l, n), s in sums.items():
         torch.testing.assert_close(s, direct[f"{l}.{n}"], rtol=1e-5, atol=1e-6)
+    onloaded = input_sq_sums(lm.model, layout, calib, batch_size=3, execution_device="cpu")  # layer-by-layer bookkeeping
+    assert all(torch.equal(onloaded[k], sums[k]) for k in sums)
 
 
 def test_owl_on_a_tiny_model_hits_the_target_layer_by_layer(data_dir):
