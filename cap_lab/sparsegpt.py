@@ -174,24 +174,23 @@ def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, sparsity
     _check(weight, hessian, sparsity, block_size, damping)
     n, m = _check_nm(weight, block_size, nm) if nm is not None else (0, 0)
     dtype = torch.promote_types(weight.dtype, torch.float32)
-    w = weight.detach().to(dtype, copy=True)  # (out, in), updated in place below
-    u, dead = inverse_hessian_factor(hessian.detach().to(w.device, dtype), damping)  # (in, in), (in,)
-    w[:, dead] = 0.0
-    rows, cols = w.shape
-    mask = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
-    for start in range(0, cols, block_size):
-        end = min(start + block_size, cols)
-        block, u_block = w[:, start:end], u[start:end, start:end]  # views (out, count), (count, count)
+    wt = weight.detach().to(dtype).T.contiguous()  # (in, out): W's column c is row c, contiguous for the column loop
+    u, dead = inverse_hessian_factor(hessian.detach().to(wt.device, dtype), damping)  # (in, in), (in,)
+    wt[dead] = 0.0
+    mask_t = torch.zeros_like(wt, dtype=torch.bool)  # (in, out)
+    for start in range(0, wt.shape[0], block_size):
+        end = min(start + block_size, wt.shape[0])
+        block, u_block = wt[start:end], u[start:end, start:end]  # views (count, out), (count, count)
         diag = torch.diagonal(u_block)  # (count,)
-        block_mask = (_block_mask((block / diag) ** 2, sparsity) if not m  # (out, count), adaptive: current weights
-                      else torch.zeros_like(block, dtype=torch.bool))
-        errors = torch.zeros_like(block)  # (out, count): e = removed weight / U_cc
+        block_mask = (_block_mask(((block / diag[:, None]) ** 2).T, sparsity).T.contiguous() if not m
+                      else torch.zeros_like(block, dtype=torch.bool))  # (count, out), adaptive: current weights
+        errors = torch.zeros_like(block)  # (count, out): e = removed weight / U_cc, 0 where kept
         for c in range(end - start):
             if m and c % m == 0:  # N:M: this group's mask from the weights as updated so far
-                block_mask[:, c:c + m] = nm_prune_mask((block[:, c:c + m] / diag[c:c + m]) ** 2, n, m)
-            errors[:, c] = torch.where(block_mask[:, c], block[:, c], 0.0) / diag[c]
-            block[:, c + 1:] -= errors[:, c:c + 1] * u_block[c:c + 1, c + 1:]  # OBS update inside the block
-            block[:, c].masked_fill_(block_mask[:, c], 0.0)
-        w[:, end:] -= errors @ u[start:end, end:]  # lazy update of every later column
-        mask[:, start:end] = block_mask
-    return mask, w
+                block_mask[c:c + m] = nm_prune_mask(((block[c:c + m] / diag[c:c + m, None]) ** 2).T, n, m).T
+            torch.div(block[c] * block_mask[c], diag[c], out=errors[c])
+            block[c + 1:].addr_(u_block[c, c + 1:], errors[c], alpha=-1.0)  # OBS update inside the block
+        block.masked_fill_(block_mask, 0.0)
+        wt[end:] -= u[start:end, end:].T @ errors  # lazy update of every later column, (rest, out)
+        mask_t[start:end] = block_mask
+    return mask_t.T.contiguous(), wt.T.contiguous()
