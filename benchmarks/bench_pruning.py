@@ -15,11 +15,14 @@ What is timed, per method:
   exact scores from the score cache when they are there (computing and caching them otherwise).
 
 Not timed: loading the model, building the calibration set, restoring the dense weights.
-The CPU may be shared: the load average is printed before and after each method.
+The CPU may be shared: the load average is printed before and after each method. On a busy
+2-core machine ``--threads 1`` is the stable setting: with 2 torch threads competing with other
+processes every method ran 2-20x slower and erratically (SparseGPT's column loop is many small
+operations, CAP's threshold search many small passes).
 
 Usage::
 
-    CAP_LAB_DATA=/work/shared/data python benchmarks/bench_pruning.py          # default model
+    CAP_LAB_DATA=/work/shared/data python benchmarks/bench_pruning.py --threads 1   # default model
     python benchmarks/bench_pruning.py --per-task 3 --subsets 3 --max-length 64 --sparsity 0.5
 """
 from __future__ import annotations
