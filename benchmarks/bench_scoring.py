@@ -1,104 +1,43 @@
-"""Benchmark of the head scorers: reference vs fast exact vs attribution patching (issue 5).
+"""Benchmark of the head scorers: reference vs fast exact vs attribution patching (issues 5, 14).
 
 Runs, in one process on one model and one fixed calibration set, the three scorers of
 :mod:`cap_lab.scoring` and prints for each: wall time, ratio to the reference, the largest
-absolute score difference to the reference, the tokens each forward touches (real and padded)
-and the model FLOPs each path performs (counted from the layer shapes, see :func:`flop_counts`),
-so each time can be read against its own arithmetic bound. The last line is machine-readable::
+absolute score difference to the reference, the tokens each forward touches (real and padded),
+the model FLOPs each path performs, and the wall time :mod:`cap_lab.costmodel` predicts for it
+(compute + logit memory traffic) with its error. The machine's throughput is measured
+(:func:`cap_lab.costmodel.calibrate`, about a second) before and after every scorer, and each
+scorer is predicted with the mean of the two. On a CPU shared with other work, ``--threads 1
+--clock cpu`` times the calibration in process CPU seconds and reads each prediction against the
+scorer's CPU seconds: the time the work took while it had a core, which does not depend on how
+busy the machine was. The last line is machine-readable::
 
     fast_ratio=<x> max_abs_diff=<y> attribution_ratio=<z> spearman=<r>
 
 Usage::
 
     python benchmarks/bench_scoring.py                      # default model
-    python benchmarks/bench_scoring.py --model gemma3-270m
+    python benchmarks/bench_scoring.py --model gemma3-270m --threads 1 --clock cpu --json out.json
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
-from torch import nn
 
-from cap_lab.modeling import ModelLayout, get_layout
-from cap_lab.scoring.attribution import score_heads_attribution
-from cap_lab.calibration import CalibrationConfig, CalibrationSet, build_calibration_set
-from cap_lab.scoring.exact import plan_chunks, score_heads_exact
+from cap_lab.calibration import CalibrationConfig, build_calibration_set
+from cap_lab.costmodel import (
+    CalibrationShape, ModelShape, Prediction, Throughput, attribution_cost, calibrate, exact_cost, reference_cost,
+)
+from cap_lab.modeling import get_layout
 from cap_lab.models import DEFAULT_MODEL, load_model
 from cap_lab.scoring import compare_scores, score_heads_reference
-
-
-# ------------------------------------------------------------------ model FLOPs
-@dataclass(frozen=True)
-class FlopModel:
-    """Per-token FLOPs of a model's parts (2 per multiply-add).
-
-    Attributes:
-        linear: (L,) FLOPs of each decoder layer's linear projections per token.
-        attention: (L,) FLOPs per query token per key (QK^T and AV: 4 * H * D).
-        window: (L,) keys a query sees at most (sliding-window layers), else None.
-        lm_head: FLOPs of ``lm_head`` per token.
-    """
-
-    linear: list[int]
-    attention: list[int]
-    window: list[int | None]
-    lm_head: int
-
-    @classmethod
-    def of(cls, model: nn.Module, layout: ModelLayout) -> "FlopModel":
-        types = getattr(model.config, "layer_types", None) or ["full_attention"] * layout.num_layers
-        linear = [sum(2 * m.in_features * m.out_features for m in layer.modules() if isinstance(m, nn.Linear))
-                  for layer in layout.layers(model)]
-        window = [model.config.sliding_window if t == "sliding_attention" else None for t in types]
-        head = layout.lm_head(model)
-        return cls(linear, [4 * layout.num_heads * layout.head_dim] * layout.num_layers, window,
-                   2 * head.in_features * head.out_features)
-
-    def layers(self, width: int, first: int = 0) -> int:
-        """FLOPs of layers ``first..L-1`` for one row of ``width`` tokens (causal attention)."""
-        total = 0
-        for i in range(first, len(self.linear)):
-            keys = sum(min(t + 1, self.window[i] or width) for t in range(width))
-            total += self.linear[i] * width + self.attention[i] * keys
-        return total
-
-
-def flop_counts(model: nn.Module, calib: CalibrationSet, batch_size: int, fast_chunks: list[list[int]]) -> dict:
-    """Model FLOPs and tokens of each scorer on ``calib`` (see the module docstring)."""
-    layout = get_layout(model)
-    fm = FlopModel.of(model, layout)
-    n_heads, n_layers = layout.num_heads, layout.num_layers
-    lengths = [len(it.input_ids) for it in calib.items]
-    targets = [len(it.input_ids) - max(it.target_start, 1) for it in calib.items]
-
-    ref_batches = [[i for i in b.items] for b in calib.batches(list(range(len(lengths))), batch_size)]
-    ref_pass = sum(len(b) * (fm.layers(max(lengths[i] for i in b)) + max(lengths[i] for i in b) * fm.lm_head)
-                   for b in ref_batches)
-    ref_padded = sum(len(b) * max(lengths[i] for i in b) for b in ref_batches)
-
-    fast, fast_padded = 0, 0
-    for chunk in fast_chunks:
-        rows, width, tgt = len(chunk), max(lengths[i] for i in chunk), sum(targets[i] for i in chunk)
-        fast_padded += rows * width
-        fast += rows * fm.layers(width) + tgt * fm.lm_head  # the intact capture pass
-        for layer in range(n_layers):
-            fast += n_heads * (rows * fm.layers(width, layer) + tgt * fm.lm_head)
-            if layer + 1 < n_layers:  # advancing the kept hidden states by one intact layer
-                fast += rows * (fm.layers(width, layer) - fm.layers(width, layer + 1))
-    attr_forward = sum(len(b) * fm.layers(max(lengths[i] for i in b)) + sum(targets[i] for i in b) * fm.lm_head
-                       for b in ref_batches)
-    return {
-        "reference": {"flops": (1 + n_layers * n_heads) * ref_pass, "passes": 1 + n_layers * n_heads,
-                      "real": sum(lengths), "padded": ref_padded},
-        "exact": {"flops": fast, "passes": 1 + n_layers * n_heads, "real": sum(lengths), "padded": fast_padded},
-        # backward without weight gradients costs about one more forward
-        "attribution": {"flops": 2 * attr_forward, "passes": 1, "real": sum(lengths), "padded": ref_padded},
-    }
+from cap_lab.scoring.attribution import score_heads_attribution
+from cap_lab.scoring.exact import score_heads_exact
 
 
 # ------------------------------------------------------------------ run
@@ -118,6 +57,18 @@ def timed(name: str, fn):
     return out, t
 
 
+def mean_throughput(before: Throughput, after: Throughput) -> Throughput:
+    """The mean of the machine's throughput measured before and after a scorer ran."""
+    return Throughput((before.flops_per_s + after.flops_per_s) / 2, (before.bytes_per_s + after.bytes_per_s) / 2,
+                      f"mean of before and after; {before.source}", (before.grad_rate + after.grad_rate) / 2,
+                      (before.lm_head_rate + after.lm_head_rate) / 2)
+
+
+def describe(t: Throughput) -> str:
+    return (f"{t.flops_per_s / 1e9:.1f} GFLOP/s decoder layer forward, {t.grad_rate / 1e9:.1f} with backward, "
+            f"{t.lm_head_rate / 1e9:.1f} LM head, {t.bytes_per_s / 1e9:.2f} GB/s logit passes")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model alias or folder (default {DEFAULT_MODEL})")
@@ -127,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--data-dir", default=None, help="data folder (default $CAP_LAB_DATA)")
+    p.add_argument("--json", default=None, help="also write the measured and predicted figures to this JSON file")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="what the throughput calibration times and predictions are read against: wall seconds, or "
+                        "this process's CPU seconds (with --threads 1 on a shared machine: the time it had a core)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -136,8 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     layout = get_layout(model)
     config = CalibrationConfig(n_per_task=args.per_task, n_subsets=args.subsets, max_length=args.max_length)
     calib = build_calibration_set(lm.tokenizer, config, args.data_dir)
-    chunks = plan_chunks([len(it.input_ids) for it in calib.items], args.batch_size)
-    counts = flop_counts(model, calib, args.batch_size, chunks)
+    shape = ModelShape.from_config(model.config, args.model)
+    profile = CalibrationShape.of(calib, args.batch_size)
+    # exact and attribution each get a model whose replay is not yet verified, as in a fresh `cap-lab score`
+    counts = {"reference": reference_cost(shape, profile), "exact": exact_cost(shape, profile, verify_replay=True),
+              "attribution": attribution_cost(shape, profile, verify_replay=True)}
+    calibration_rows = max(len(b) * max(profile.lengths[i] for i in b) for b in profile.batches())
+    clock = "process" if args.clock == "cpu" else "wall"
+    measure = lambda: calibrate(shape, rows=max(64, calibration_rows), width=max(profile.lengths),  # noqa: E731
+                                repeats=5, clock=clock)
     load = os.getloadavg()
     print(f"model {args.model}: {layout.num_layers} layers x {layout.num_heads} heads "
           f"({layout.num_kv_heads} KV, head_dim {layout.head_dim}), float32 on CPU, "
@@ -149,30 +111,63 @@ def main(argv: list[str] | None = None) -> int:
 
     with torch.inference_mode():  # warm-up: first-call allocations and kernel selection
         model(input_ids=torch.tensor([calib.items[0].input_ids]))
-    ref, t_ref = timed("reference", lambda: score_heads_reference(model, calib, batch_size=args.batch_size, progress=False))
-    fast, t_fast = timed("exact", lambda: score_heads_exact(model, calib, batch_size=args.batch_size, progress=False))
-    attr, t_attr = timed("attribution", lambda: score_heads_attribution(model, calib, batch_size=args.batch_size,
-                                                                        progress=False))
-    assert fast.settings["padded_tokens"] == counts["exact"]["padded"], (fast.settings, counts["exact"])
+    throughputs = [measure()]
+
+    def run(name, fn):
+        out = timed(name, fn)
+        throughputs.append(measure())
+        print(f"  throughput after {name}: {describe(throughputs[-1])}", flush=True)
+        return out
+
+    print(f"  throughput before: {describe(throughputs[0])} ({throughputs[0].source})", flush=True)
+    ref, t_ref = run("reference", lambda: score_heads_reference(model, calib, batch_size=args.batch_size,
+                                                                progress=False))
+    fast, t_fast = run("exact", lambda: score_heads_exact(model, calib, batch_size=args.batch_size, progress=False))
+    fresh = load_model(args.model, device="cpu", dtype="float32").model  # same weights, replay not yet verified
+    with torch.inference_mode():  # its warm-up (the replay check stays for the scorer's first capture)
+        fresh(input_ids=torch.tensor([calib.items[0].input_ids]))
+    attr, t_attr = run("attribution", lambda: score_heads_attribution(fresh, calib, batch_size=args.batch_size,
+                                                                      progress=False))
+    del fresh
+    assert fast.settings["padded_tokens"] == counts["exact"].padded_tokens, (fast.settings, counts["exact"])
 
     rows = [("reference", ref, t_ref), ("exact", fast, t_fast), ("attribution", attr, t_attr)]
+    predictions = {name: Prediction(counts[name], *counts[name].seconds(mean_throughput(throughputs[k],
+                                                                                        throughputs[k + 1])))
+                   for k, (name, _, _) in enumerate(rows)}
     print(f"{'method':<12} {'wall_s':>8} {'ratio':>7} {'cpu_s':>8} {'cpu ratio':>9} {'max|diff|':>10} "
-          f"{'tokens real/padded':>19} {'model GFLOP':>12} {'FLOP ratio':>10} {'GFLOP/s':>8}")
+          f"{'tokens real/padded':>19} {'model GFLOP':>12} {'FLOP ratio':>10} {'GFLOP/s':>8} "
+          f"{'pred_s':>8} {'(compute+memory)':>17} {'vs wall':>8} {'vs cpu':>7}")
     for name, result, t in rows:
-        c = counts[name]
+        c, pred = counts[name], predictions[name]
         diff = float((result.scores - ref.scores).abs().max())
         print(f"{name:<12} {t.wall:8.1f} {t.wall / t_ref.wall:7.4f} {t.cpu:8.1f} {t.cpu / t_ref.cpu:9.4f} {diff:10.2e} "
-              f"{c['real']:>9}/{c['padded']:<9} {c['flops'] / 1e9:12.1f} "
-              f"{c['flops'] / counts['reference']['flops']:10.4f} {c['flops'] / 1e9 / t.wall:8.1f}")
+              f"{c.real_tokens:>9}/{c.padded_tokens:<9} {c.flops / 1e9:12.1f} "
+              f"{c.flops / counts['reference'].flops:10.4f} {c.flops / 1e9 / t.wall:8.1f} "
+              f"{pred.seconds:8.1f} {f'({pred.compute_s:.1f}+{pred.memory_s:.1f})':>17} "
+              f"{(pred.seconds - t.wall) / t.wall:+8.1%} {(pred.seconds - t.cpu) / t.cpu:+7.1%}")
     print("tokens per pass; reference and exact make 1 + L*H passes (exact: layers l..L-1 only for heads of layer l, "
-          "lm_head at target positions only), attribution one forward + backward; GFLOP/s per wall second")
+          "lm_head at target positions only), attribution one forward + backward; GFLOP/s per wall second; "
+          f"pred_s: cap_lab.costmodel at the mean throughput measured ({clock} clock, median of 5) before and after "
+          "each scorer, and its error against wall and against process CPU seconds (with --threads 1 on a shared "
+          "machine the CPU seconds are the time the scorer had a core; wall = CPU / its share of a core)")
     agreement = compare_scores(fast, attr, model)
     print(f"attribution vs exact: spearman {agreement.spearman:.4f}, kendall {agreement.kendall:.4f}, "
           f"top-10% overlap {agreement.top_overlap:.2f} ({agreement.top_k} heads), "
           f"weights pruned differently at 20% sparsity {agreement.pruned_differently:.4f}")
-    load = os.getloadavg()
-    print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    load_after = os.getloadavg()
+    print(f"load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
     max_diff = float((fast.scores - ref.scores).abs().max())
+    if args.json:
+        record = {"model": args.model, "date": time.strftime("%Y-%m-%d %H:%M"), "threads": torch.get_num_threads(),
+                  "load_before": load, "load_after": load_after, "calibration": vars(args),
+                  "lengths": profile.lengths, "targets": profile.targets,
+                  "throughputs": [asdict(t) for t in throughputs],
+                  "methods": {name: {"wall_s": t.wall, "cpu_s": t.cpu, "predicted_s": predictions[name].seconds,
+                                     "compute_s": predictions[name].compute_s, "memory_s": predictions[name].memory_s,
+                                     **asdict(counts[name])} for name, _, t in rows}}
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1)
     print(f"fast_ratio={t_fast.wall / t_ref.wall:.4f} max_abs_diff={max_diff:.3e} "
           f"attribution_ratio={t_attr.wall / t_ref.wall:.4f} spearman={agreement.spearman:.4f}")
     return 0
