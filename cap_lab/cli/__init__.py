@@ -19,7 +19,7 @@ import sys
 
 from cap_lab.modeling.replay import ReplayError
 
-COMMANDS = ("score", "prune", "eval")
+COMMANDS = ("score", "prune", "eval", "plan")
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, ImportError, ReplayError)
 
 
