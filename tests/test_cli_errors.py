@@ -347,3 +347,9 @@ def test_the_cli_runs_as_a_module_as_torchrun_launches_it():
 
     out = subprocess.run([sys.executable, "-m", "cap_lab.cli", "score", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "--dist-timeout-min" in out.stdout, out.stderr
+
+
+def test_plan_is_a_sub_command(capsys, no_load):
+    assert main(["plan", "--model", "llama-3-8b", "--assume-length", "64", "--calib-per-task", "2", "--subsets", "2"]) == 0
+    out = capsys.readouterr().out
+    assert all(method in out for method in ("reference", "exact", "attribution")) and "llama-3-8b" in out
