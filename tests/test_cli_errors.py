@@ -342,6 +342,7 @@ def test_prune_wanda_layer_by_layer_from_the_command_line(tiny_dir, data_dir, tm
     assert "--execution-device" in line and "bogus" in line
 
 
+@pytest.mark.slow  # a fresh interpreter: about 3 s
 def test_the_cli_runs_as_a_module_as_torchrun_launches_it():
     import subprocess
 
