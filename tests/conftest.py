@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,37 @@ def real_data_dir() -> Path:
     if not REAL_DATA:
         pytest.skip("CAP_LAB_DATA is not set")
     return Path(REAL_DATA)
+
+
+def spy_on_onloaders(monkeypatch) -> list:
+    """Keep every onloader that cap_lab.pruning opens (layer-by-layer execution)."""
+    import cap_lab.pruning as pruning
+
+    onloaders, real = [], pruning.onload_layers
+
+    @contextmanager
+    def spy(*args, **kwargs):
+        with real(*args, **kwargs) as onloader:
+            onloaders.append(onloader)
+            yield onloader
+
+    monkeypatch.setattr(pruning, "onload_layers", spy)
+    return onloaders
+
+
+def obvious_obs_start(weight: torch.Tensor, hessian: torch.Tensor, damping: float):
+    """The float64 start of an obvious SparseGPT/OBS loop, as the reference prepares it.
+
+    Dead inputs (H_cc = 0) get H_cc = 1 and a zero weight column; the diagonal is damped by
+    ``damping`` times its mean. Returns the weight copy (rows, cols) and, for every column c, the
+    explicit inverse of H[c:, c:] (the Hessian of the columns not yet fixed).
+    """
+    w, h = weight.double().clone(), hessian.double().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damping * h.diagonal().mean() * torch.eye(h.shape[0], dtype=torch.float64)
+    return w, [torch.linalg.inv(h[c:, c:]) for c in range(h.shape[0])]
 
 
 def state_copy(model) -> dict[str, torch.Tensor]:

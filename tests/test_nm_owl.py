@@ -20,7 +20,7 @@ from cap_lab.sparsity_allocation import (
 )
 from cap_lab.wanda import wanda_row_mask, wanda_score
 
-from conftest import state_copy
+from conftest import obvious_obs_start, state_copy
 
 
 def small_calib(lm, data_dir, n=2):
@@ -248,13 +248,8 @@ def obvious_nm_sparsegpt(weight, hessian, n, m, damping=0.01):
     """SparseGPT's N:M (reference ``prunen``/``prunem``) written out in float64 with explicit inverses:
     at the first column of each group, every row removes its M - N lowest ``w^2 / [H_F^-1]_cc`` of the
     group (current weights); then the textbook OBS update of each removed weight, column by column."""
-    w, h = weight.double().clone(), hessian.double().clone()
+    w, free_inverse = obvious_obs_start(weight, hessian, damping)
     rows, cols = w.shape
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h += damping * h.diagonal().mean() * torch.eye(cols, dtype=torch.float64)
-    free_inverse = [torch.linalg.inv(h[c:, c:]) for c in range(cols)]
     mask = torch.zeros(rows, cols, dtype=torch.bool)
     for c in range(cols):
         if c % m == 0:

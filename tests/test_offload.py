@@ -10,13 +10,12 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-import cap_lab.pruning as pruning
 from cap_lab.calibration import CalibrationConfig, build_calibration_set
 from cap_lab.modeling import capture, get_layout, onload_layers
 from cap_lab.models import TINY_ARCHS, tiny_random_model
 from cap_lab.pruning import PruneConfig, prune_model
 
-from conftest import same_state, state_copy
+from conftest import same_state, spy_on_onloaders, state_copy
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # no GPU here when this was written
 
@@ -50,20 +49,6 @@ def watch_layers(model, layout, onloaders: list):
     finally:
         for h in handles:
             h.remove()
-
-
-def spy_on_onloaders(monkeypatch) -> list:
-    """Keep every onloader that Wanda opens."""
-    onloaders, real = [], pruning.onload_layers
-
-    @contextmanager
-    def spy(*args, **kwargs):
-        with real(*args, **kwargs) as onloader:
-            onloaders.append(onloader)
-            yield onloader
-
-    monkeypatch.setattr(pruning, "onload_layers", spy)
-    return onloaders
 
 
 @pytest.mark.parametrize("device", DEVICES)

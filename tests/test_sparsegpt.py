@@ -1,11 +1,8 @@
 """SparseGPT (cap_lab.sparsegpt): the blocked algorithm against an obvious OBS loop, its error, its loop, its CLI."""
-from contextlib import contextmanager
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import cap_lab.pruning as pruning
 from cap_lab.calibration import CalibrationConfig, build_calibration_set
 from cap_lab.cli import main
 from cap_lab.modeling import capture_inputs, get_layout
@@ -14,7 +11,7 @@ from cap_lab.pruning import PruneConfig, apply_weight_updates, prune_model, wand
 from cap_lab.saving import read_prune_info
 from cap_lab.sparsegpt import HessianStatistics, sparsegpt_prune_weight, sparsegpt_selected_count
 
-from conftest import state_copy
+from conftest import obvious_obs_start, spy_on_onloaders, state_copy
 
 CALIB = CalibrationConfig(n_per_task=2, n_subsets=2, max_length=40)
 
@@ -35,13 +32,8 @@ def obvious_sparsegpt(weight, hessian, sparsity, block_size, damping=0.01):
     Then column by column, for each row whose weight in column c is removed, the textbook OBS update
     of that row's free weights, ``dw_F = -w_c / [H_F^-1]_cc * [H_F^-1]_c,:``; kept weights become fixed.
     """
-    w, h = weight.double().clone(), hessian.double().clone()
+    w, free_inverse = obvious_obs_start(weight, hessian, damping)  # free_inverse[c]: inverse Hessian of columns c..
     rows, cols = w.shape
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h += damping * h.diagonal().mean() * torch.eye(cols, dtype=torch.float64)
-    free_inverse = [torch.linalg.inv(h[c:, c:]) for c in range(cols)]  # inverse Hessian of the columns c..
     mask = torch.zeros(rows, cols, dtype=torch.bool)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
@@ -169,15 +161,7 @@ def test_execution_device_gives_identical_weights(data_dir, monkeypatch, one_thr
     in_memory, layered = tiny_random_model("qwen3"), tiny_random_model("qwen3")
     calib = build_calibration_set(in_memory.tokenizer, CALIB, data_dir)
     expected = prune_model(in_memory.model, PruneConfig("sparsegpt", 0.5), calib=calib, batch_size=4, progress=False)
-    onloaders, real = [], pruning.onload_layers
-
-    @contextmanager
-    def spy(*args, **kwargs):
-        with real(*args, **kwargs) as onloader:
-            onloaders.append(onloader)
-            yield onloader
-
-    monkeypatch.setattr(pruning, "onload_layers", spy)
+    onloaders = spy_on_onloaders(monkeypatch)
     result = prune_model(layered.model, PruneConfig("sparsegpt", 0.5), calib=calib, batch_size=4, progress=False,
                          execution_device="cpu")
     assert result.selected == expected.selected
