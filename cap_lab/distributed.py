@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT = timedelta(minutes=30)  # longest wait at a barrier: about one layer of scoring
-_control: dict = {}  # "group": the gloo group for cap_lab's messages (None: the default group), "timeout"
+_control: dict = {}  # "group": gloo group for cap_lab's messages (None: the default), "timeout", "owned"
 
 
 def world() -> tuple[int, int]:
@@ -74,13 +74,17 @@ def init_from_env(device: str | None = None, *, device_map=None, timeout: timede
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
-    _control.update(group=dist.new_group(backend="gloo", timeout=timeout) if cuda else None, timeout=timeout)
+    _control.update(group=dist.new_group(backend="gloo", timeout=timeout) if cuda else None, timeout=timeout,
+                    owned=True)
     return device
 
 
 def close() -> None:
-    """Leave the process group (at the end of a torchrun command); nothing without one."""
-    if dist.is_available() and dist.is_initialized():
+    """Leave the process group that :func:`init_from_env` joined (at the end of a torchrun command).
+
+    A group the caller initialized itself is left as it is: it is the caller's to destroy.
+    """
+    if _control.get("owned") and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _control.clear()
 

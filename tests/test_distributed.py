@@ -116,6 +116,18 @@ def test_without_torchrun_everything_is_one_rank(monkeypatch):
     distributed.close()
 
 
+def test_close_leaves_a_group_the_caller_made(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert distributed.init_from_env("cpu") == "cpu"  # already initialized: joins nothing
+        distributed.close()
+        assert dist.is_initialized()  # the caller's group is the caller's to destroy
+    finally:
+        dist.destroy_process_group()
+
+
 def test_resume_scores_only_the_missing_layers_in_any_order(tiny, data_dir, monkeypatch, tmp_path, one_thread):
     """Progress of layer 1 alone (as another rank leaves it) is used; layers 0 and 2 are scored."""
     calib = build_calibration_set(tiny.tokenizer, CONFIG, data_dir)
