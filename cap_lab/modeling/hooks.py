@@ -1,10 +1,15 @@
-"""Scoped forward hooks: head masking before ``o_proj`` and input capture.
+"""Scoped forward hooks: head masking before ``o_proj``, neuron masking before ``down_proj``, input capture.
 
 Head masking (paper Sec. 3.2, "Temporary head masking for scoring"): the attention output
 entering ``o_proj`` is reshaped to ``(batch, seq, heads, head_dim)`` and multiplied by a
 binary head mask, so a masked head contributes nothing to the output projection while the
 attention pattern and every weight stay untouched. A mask may differ per batch row, which lets
 one forward evaluate several masks on a repeated batch (as Causal Head Gating does).
+
+Neuron masking does the same one level finer in the MLP: the intermediate activation entering
+``down_proj``, (batch, seq, I) with one feature per neuron (``act(gate) * up`` in the gated
+MLPs of every supported family), is multiplied by a per-neuron mask, so a masked neuron's
+``down_proj`` column receives zero while its ``gate``/``up`` rows still run.
 
 Every hook is added inside a context manager that removes its handles in ``finally``, even
 when the forward raises; after the ``with`` block the model is exactly what it was.
@@ -76,6 +81,51 @@ def mask_heads(model: nn.Module, head_mask: HeadMask | torch.Tensor, layout: Mod
         for layer, mask in masks.items():
             o_proj = layout.o_proj(model, layer)
             handles.append(o_proj.register_forward_pre_hook(_mask_hook(mask, layout.num_heads, layout.head_dim)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _neuron_mask_hook(mask: torch.Tensor) -> Callable:
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        x = args[0]  # (B, S, I)
+        m = mask.to(device=x.device, dtype=x.dtype)
+        if m.dim() == 2 and m.shape[0] != x.shape[0]:
+            raise ValueError(f"per-row neuron mask has {m.shape[0]} rows but the batch has {x.shape[0]}")
+        return (x * m.view(-1, 1, x.shape[-1]),) + tuple(args[1:])  # mask (1 or B, 1, I)
+
+    return hook
+
+
+@contextmanager
+def mask_neurons(model: nn.Module, neuron_mask: Mapping[int, torch.Tensor],
+                 layout: ModelLayout | None = None) -> Iterator[None]:
+    """Scale chosen MLP neurons' activations at the input of ``down_proj`` for the duration of the block.
+
+    Args:
+        model: a supported causal LM.
+        neuron_mask: ``{layer: mask}`` with masks of shape (I,) or (B, I) (one per batch row),
+            I = the layer's intermediate size. 1 keeps a neuron, 0 removes it (fractions scale it;
+            a mask that requires grad gives the derivative of the loss in each neuron's scale).
+        layout: the model's layout (looked up when omitted).
+
+    Example:
+        >>> mask = torch.ones(48); mask[7] = 0.0
+        >>> with mask_neurons(model, {1: mask}):
+        ...     logits = model(input_ids).logits   # neuron 7 of layer 1 silenced
+    """
+    layout = layout or get_layout(model)
+    handles = []
+    try:
+        for layer, mask in neuron_mask.items():
+            if not 0 <= layer < layout.num_layers:
+                raise ValueError(f"layer {layer} out of range [0, {layout.num_layers})")
+            down = layout.down_proj(model, layer)
+            if mask.dim() not in (1, 2) or mask.shape[-1] != down.in_features:
+                raise ValueError(f"neuron mask for layer {layer} has shape {tuple(mask.shape)}; expected (I,) or "
+                                 f"(B, I), I={down.in_features}")
+            handles.append(down.register_forward_pre_hook(_neuron_mask_hook(mask)))
         yield
     finally:
         for handle in handles:

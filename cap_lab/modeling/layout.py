@@ -19,6 +19,10 @@ from torch import nn
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+#: named intervention sites: the input of this projection in every decoder layer. ``o_proj``'s
+#: input is the attention output (B, S, H * D), split by head; ``down_proj``'s is the MLP's
+#: intermediate activation (B, S, I), one feature per neuron.
+HOOK_SITES = ("o_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,19 @@ class ModelLayout:
 
     def o_proj(self, model: nn.Module, layer: int) -> nn.Linear:
         return self.attention(model, layer).o_proj
+
+    def mlp(self, model: nn.Module, layer: int) -> nn.Module:
+        return _get(self.layers(model)[layer], self.spec.mlp)
+
+    def down_proj(self, model: nn.Module, layer: int) -> nn.Linear:
+        """The MLP output projection; its input features are the layer's I intermediate neurons."""
+        return self.mlp(model, layer).down_proj
+
+    def hook_site(self, model: nn.Module, layer: int, site: str) -> nn.Linear:
+        """The module whose input is intervention site ``site`` (one of :data:`HOOK_SITES`) of ``layer``."""
+        if site not in HOOK_SITES:
+            raise ValueError(f"hook site {site!r}; allowed: {', '.join(HOOK_SITES)}")
+        return self.o_proj(model, layer) if site == "o_proj" else self.down_proj(model, layer)
 
     def final_norm(self, model: nn.Module) -> nn.Module:
         return _get(model, self.spec.final_norm)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import weakref
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -100,7 +100,8 @@ class Capture:
 
 
 def capture(model: nn.Module, layout: ModelLayout, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-            start: int = 0, o_proj_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> Capture:
+            start: int = 0, site_hooks: Mapping[str, Callable[[int, torch.Tensor], torch.Tensor]] | None = None,
+            ) -> Capture:
     """Run the model forward once, capturing every layer's arguments; stops before the LM head.
 
     Args:
@@ -109,7 +110,9 @@ def capture(model: nn.Module, layout: ModelLayout, input_ids: torch.Tensor, atte
         input_ids: (B, S) right-padded token ids.
         attention_mask: (B, S) 1 for real tokens, or ``None``.
         start: the layer whose input hidden states to keep.
-        o_proj_hook: optional ``fn(layer, x) -> x`` run on each ``o_proj`` input (attribution).
+        site_hooks: optional ``{site: fn(layer, x) -> x}``, run on the input of that site
+            (:data:`cap_lab.modeling.layout.HOOK_SITES`: ``o_proj``, ``down_proj``) in every
+            layer (attribution patching).
 
     Returns:
         A :class:`Capture`. The first capture of each model also runs :func:`verify_replay`.
@@ -133,10 +136,10 @@ def capture(model: nn.Module, layout: ModelLayout, input_ids: torch.Tensor, atte
         for i, layer in enumerate(layers):
             stack.callback(layer.register_forward_pre_hook(on_layer(i), with_kwargs=True).remove)
         stack.callback(layout.final_norm(model).register_forward_pre_hook(on_norm).remove)
-        if o_proj_hook is not None:
+        for site, fn in (site_hooks or {}).items():
             for i in range(layout.num_layers):
-                hook = (lambda m, args, _i=i: (o_proj_hook(_i, args[0]),) + tuple(args[1:]))
-                stack.callback(layout.o_proj(model, i).register_forward_pre_hook(hook).remove)
+                hook = (lambda m, args, _i=i, _fn=fn: (_fn(_i, args[0]),) + tuple(args[1:]))
+                stack.callback(layout.hook_site(model, i, site).register_forward_pre_hook(hook).remove)
         try:
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except StopForward:

@@ -87,7 +87,7 @@ def score_heads_attribution(model: nn.Module, calib: CalibrationSet, *, aggregat
                 z[layer] = x
                 return x
 
-            captured = capture(model, layout, batch.input_ids, batch.attention_mask, 0, o_proj_hook=keep)
+            captured = capture(model, layout, batch.input_ids, batch.attention_mask, 0, site_hooks={"o_proj": keep})
             rows = batch.input_ids.shape[0]
             items = torch.tensor(batch.items)
             sums = target_loss_sums(model, layout, captured.final, TargetTokens.from_labels(batch.labels), rows)[0]  # (B,)
