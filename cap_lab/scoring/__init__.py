@@ -7,6 +7,7 @@ Modules, imported one way only (``types`` <- each scorer <- ``api``; ``compare``
 * :mod:`~cap_lab.scoring.exact`: the same numbers, fast and resumable;
 * :mod:`~cap_lab.scoring.attribution`: a first-order estimate from one backward pass;
 * :mod:`~cap_lab.scoring.compare`: how two score sets agree (ranks, top heads, pruning);
+* :mod:`~cap_lab.scoring.neurons`: MLP-neuron scores, first-order, with an exact check on a sample;
 * :mod:`~cap_lab.scoring.api`: :func:`head_scores`, the cached entry point.
 
 Example::
@@ -23,11 +24,13 @@ from cap_lab.scoring.api import SCORING_METHODS, SCORING_VERSION, head_scores, p
 from cap_lab.scoring.attribution import score_heads_attribution
 from cap_lab.scoring.compare import ScoreAgreement, compare_scores
 from cap_lab.scoring.exact import score_heads_exact
+from cap_lab.scoring.neurons import NeuronAblationCheck, NeuronScores, check_neuron_scores, score_neurons_attribution
 from cap_lab.scoring.reference import score_heads_reference
 from cap_lab.scoring.types import AGGREGATES, HeadScores, aggregate_scores
 
 __all__ = [
-    "AGGREGATES", "HeadScores", "SCORING_METHODS", "SCORING_VERSION", "ScoreAgreement", "aggregate_scores",
-    "compare_scores", "head_scores", "progress_dir", "score_heads_attribution", "score_heads_exact",
-    "score_heads_reference", "score_payload",
+    "AGGREGATES", "HeadScores", "NeuronAblationCheck", "NeuronScores", "SCORING_METHODS", "SCORING_VERSION",
+    "ScoreAgreement", "aggregate_scores", "check_neuron_scores", "compare_scores", "head_scores", "progress_dir",
+    "score_heads_attribution", "score_heads_exact", "score_heads_reference", "score_neurons_attribution",
+    "score_payload",
 ]
