@@ -1,6 +1,6 @@
 """Weight pruning: CAP (paper Sec. 3.3, Eq. 3-4) and the baselines it is compared with.
 
-CAP turns head scores into weight scores:
+CAP turns head scores into weight scores (:mod:`cap_lab.cap_scores`):
 
 * importance factors ``I = 1 + 9 (s - min s) / (max s - min s)`` in [1, 10], all 1 when every
   score is equal (Eq. 3);
@@ -16,6 +16,13 @@ CAP turns head scores into weight scores:
   it) that prunes exactly the target count, well within ``tolerance`` (1e-4 absolute).
   Counting is done per matrix, so no tensor of all scores is ever built. If scores tie at the
   threshold, the tied weights are taken in parameter order until the target is met.
+
+CAP variants (``PruneConfig`` fields; their defaults are the paper's CAP, bit for bit):
+``cap_mlp_factors="neuron"``: MLP weights get per-neuron factors (Eq. 3 over the neuron scores
+of :mod:`cap_lab.scoring.neurons`) instead of the layer's mean head factor; ``cap_activation``:
+the score ``|W_ij| * ||X_j||_2 * I`` (Wanda's statistic, X from one forward of the *dense* model
+over the calibration set, :func:`~cap_lab.sparsity_allocation.input_sq_sums`); ``cap_scope=
+"layer"``: every decoder layer pruned to the target with its own threshold on the CAP score.
 
 Baselines, on the same calibration inputs and the same linear layers:
 
@@ -59,17 +66,20 @@ import torch
 from torch import nn
 
 from cap_lab.calibration import CalibrationSet
+from cap_lab.cap_scores import KV_REDUCE, MLP_FACTORS, cap_score_fn, neuron_importance_factors
 from cap_lab.modeling import ModelLayout, get_layout, onload_layers
 from cap_lab.selection import ScoreFn, check_nm_shapes, nm_and_sparsity, select_masks
 from cap_lab.sequential import prune_layers_sequentially
 from cap_lab.sparsegpt import HessianStatistics, check_nm_blocks, sparsegpt_prune_weight
-from cap_lab.sparsity_allocation import OWL_LAMBDA, OWL_M, OWLAllocation, check_owl_settings, owl_allocation
+from cap_lab.sparsity_allocation import (
+    OWL_LAMBDA, OWL_M, OWLAllocation, check_owl_settings, input_sq_sums, owl_allocation,
+)
 from cap_lab.wanda import InputNormStatistics, wanda_row_mask
 
 PRUNE_METHODS = ("cap", "wanda", "magnitude", "random", "sparsegpt")
 SEQUENTIAL_METHODS = ("wanda", "sparsegpt")
-KV_REDUCE = ("mean", "max")
 MAGNITUDE_SCOPES = ("global", "layer")
+CAP_SCOPES = ("global", "layer")
 MATRIX_TYPES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 
 
@@ -91,6 +101,13 @@ class PruneConfig:
         owl: OWL layer-wise sparsity allocation (needs a calibration set); not with ``nm``.
         owl_lambda: OWL's bound: every layer's sparsity within ``sparsity`` +/- lambda.
         owl_m: OWL's outlier multiple M (a Wanda score above M x its layer's mean).
+        cap_mlp_factors: ``cap``: ``layer_mean`` (paper: every MLP weight gets its layer's mean
+            head factor) or ``neuron`` (gate/up row j and down column j get neuron j's factor;
+            needs ``neuron_scores``).
+        cap_activation: ``cap``: score ``|W_ij| * ||X_j||_2 * I`` (X norms from one dense forward
+            over the calibration set, so it needs one) instead of ``|W| * I``.
+        cap_scope: ``cap``: one ``global`` threshold, or one per ``layer`` (each decoder layer
+            pruned to ``sparsity``; with ``owl`` every layer has its own threshold anyway).
     """
 
     method: str = "cap"
@@ -105,6 +122,9 @@ class PruneConfig:
     owl: bool = False
     owl_lambda: float = OWL_LAMBDA
     owl_m: float = OWL_M
+    cap_mlp_factors: str = "layer_mean"
+    cap_activation: bool = False
+    cap_scope: str = "global"
 
     def __post_init__(self) -> None:
         nm, sparsity = nm_and_sparsity(self.nm, self.sparsity)  # the one place a None sparsity is resolved
@@ -127,68 +147,25 @@ class PruneConfig:
             raise ValueError(f"sparsegpt_damping={self.sparsegpt_damping!r} is outside [0, 1)")
         if self.method == "sparsegpt" and nm is not None:
             check_nm_blocks(self.sparsegpt_block_size, nm)
+        self._check_cap_variants()
+
+    def _check_cap_variants(self) -> None:
+        if self.cap_mlp_factors not in MLP_FACTORS:
+            raise ValueError(f"cap_mlp_factors={self.cap_mlp_factors!r}; allowed: {', '.join(MLP_FACTORS)}")
+        if self.cap_scope not in CAP_SCOPES:
+            raise ValueError(f"cap_scope={self.cap_scope!r}; allowed: {', '.join(CAP_SCOPES)}")
+        if not isinstance(self.cap_activation, bool):
+            raise ValueError(f"cap_activation={self.cap_activation!r}; allowed: True, False")
+        defaults = {"cap_mlp_factors": "layer_mean", "cap_activation": False, "cap_scope": "global"}
+        changed = [f"{k}={getattr(self, k)!r}" for k, v in defaults.items() if getattr(self, k) != v]
+        if changed and self.method != "cap":
+            raise ValueError(f"{', '.join(changed)}: a CAP variant, for method 'cap' only, not {self.method!r}")
+        if self.cap_scope == "layer" and self.nm is not None:
+            raise ValueError(f"cap_scope='layer' with nm={self.nm[0]}:{self.nm[1]}: an N:M pattern already prunes "
+                             f"every layer to (M - N) / M; choose one")
 
 
-# ------------------------------------------------------------------ CAP scores (pure)
-def importance_factors(scores: torch.Tensor) -> torch.Tensor:
-    """Eq. 3: (L, H) causal scores -> (L, H) factors in [1, 10] (all 1 if scores are equal).
-
-    Raises:
-        ValueError: a score is NaN or infinite (it would silently void or distort every factor).
-    """
-    s = scores.double()
-    bad = (~torch.isfinite(s)).nonzero().tolist()
-    if bad:
-        where = ", ".join(f"L{l}H{h}={float(s[l, h])}" for l, h in bad[:5]) + (" ..." if len(bad) > 5 else "")
-        raise ValueError(f"{len(bad)} head score(s) are NaN or infinite ({where}); scores must be finite")
-    lo, hi = s.min(), s.max()
-    if hi == lo:
-        return torch.ones_like(s, dtype=torch.float32)
-    return (1.0 + 9.0 * (s - lo) / (hi - lo)).float()
-
-
-@dataclass(frozen=True)
-class RegionFactor:
-    """The factor of every weight of one matrix: by ``rows`` (out,), by ``cols`` (in,), or a ``scalar``."""
-
-    rows: torch.Tensor | None = None
-    cols: torch.Tensor | None = None
-    scalar: float | None = None
-
-    def expand(self, weight: torch.Tensor) -> torch.Tensor:
-        """A factor broadcastable to ``weight`` (out, in)."""
-        if self.rows is not None:
-            return self.rows.to(weight.device).view(-1, 1)
-        if self.cols is not None:
-            return self.cols.to(weight.device).view(1, -1)
-        return torch.tensor(self.scalar, device=weight.device)
-
-
-def region_factors(factors: torch.Tensor, layout: ModelLayout, kv_reduce: str = "mean") -> dict[tuple[int, str], RegionFactor]:
-    """Map (L, H) head factors onto every prunable matrix, keyed ``(layer, projection)``."""
-    if kv_reduce not in KV_REDUCE:
-        raise ValueError(f"kv_reduce={kv_reduce!r}; allowed: {', '.join(KV_REDUCE)}")
-    d = layout.head_dim
-    out = {}
-    for l in range(layout.num_layers):
-        f = factors[l].float()  # (H,)
-        grouped = f.view(layout.num_kv_heads, layout.group_size)  # (KV, H/KV), repeat_kv order
-        kv = grouped.mean(dim=1) if kv_reduce == "mean" else grouped.max(dim=1).values  # (KV,)
-        out[(l, "q_proj")] = RegionFactor(rows=f.repeat_interleave(d))
-        out[(l, "k_proj")] = RegionFactor(rows=kv.repeat_interleave(d))
-        out[(l, "v_proj")] = RegionFactor(rows=kv.repeat_interleave(d))
-        out[(l, "o_proj")] = RegionFactor(cols=f.repeat_interleave(d))
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            out[(l, name)] = RegionFactor(scalar=float(f.mean()))
-    return out
-
-
-def cap_score_fn(head_scores: torch.Tensor, layout: ModelLayout, kv_reduce: str = "mean") -> ScoreFn:
-    """Eq. 4 as a function ``(layer, projection, W) -> |W| * I`` (float32, W's shape)."""
-    regions = region_factors(importance_factors(head_scores), layout, kv_reduce)
-    return lambda layer, name, w: w.detach().abs().float() * regions[(layer, name)].expand(w)
-
-
+# ------------------------------------------------------------------ baseline scores (pure)
 def magnitude_score_fn(layer: int, name: str, w: torch.Tensor) -> torch.Tensor:
     return w.detach().abs().float()
 
@@ -305,14 +282,15 @@ class PruneResult:
 
 def prune_model(model: nn.Module, config: PruneConfig, *, head_scores: torch.Tensor | None = None,
                 calib: CalibrationSet | None = None, batch_size: int = 8, progress: bool = True,
-                execution_device: str | torch.device | None = None) -> PruneResult:
+                execution_device: str | torch.device | None = None,
+                neuron_scores: Sequence[torch.Tensor] | torch.Tensor | None = None) -> PruneResult:
     """Prune a model in place to ``config.sparsity``.
 
     Args:
         model: a supported causal LM (changed in place).
         config: method and target.
         head_scores: (L, H) causal scores, required by ``cap``.
-        calib: calibration set, required by ``wanda`` and ``sparsegpt``.
+        calib: calibration set, required by ``wanda``, ``sparsegpt``, ``owl`` and ``cap_activation``.
         batch_size: calibration items per forward (``wanda``, ``sparsegpt``).
         progress: progress bar (their layer loop).
         execution_device: for a model larger than the accelerator: keep it on the CPU and
@@ -320,7 +298,11 @@ def prune_model(model: nn.Module, config: PruneConfig, *, head_scores: torch.Ten
             it (:func:`cap_lab.modeling.offload.onload_layers`) and leaves every weight where
             it was. An execution detail, not a setting, so not part of :class:`PruneConfig`:
             the masks are the same either way. ``cap``, ``magnitude`` and ``random`` run no
-            forward (they score each matrix where it lies), except OWL's measuring pass.
+            forward (they score each matrix where it lies), except OWL's and
+            ``cap_activation``'s measuring pass.
+        neuron_scores: one (I,) tensor of causal MLP-neuron scores per decoder layer (or an (L, I)
+            tensor; :func:`cap_lab.scoring.neurons.score_neurons_attribution`), required by
+            ``cap_mlp_factors="neuron"``.
 
     Returns:
         A :class:`PruneResult` with the achieved sparsity and a per-matrix report.
@@ -328,15 +310,24 @@ def prune_model(model: nn.Module, config: PruneConfig, *, head_scores: torch.Ten
     layout = get_layout(model)
     targets = layout.linear_weights(model)
     total = sum(m.weight.numel() for _, _, m in targets)
-    if (config.method in SEQUENTIAL_METHODS or config.owl) and calib is None:
-        raise ValueError(f"method {config.method!r}{' with owl' if config.owl else ''} needs a calibration set")
+    if (config.method in SEQUENTIAL_METHODS or config.owl or config.cap_activation) and calib is None:
+        extra = " with owl" if config.owl else " with cap_activation" if config.cap_activation else ""
+        raise ValueError(f"method {config.method!r}{extra} needs a calibration set")
     if config.nm is not None:
         check_nm_shapes(targets, config.nm[1])  # before any weight is pruned
+    if neuron_scores is not None and config.cap_mlp_factors != "neuron":
+        raise ValueError(f"neuron_scores are used by method 'cap' with cap_mlp_factors='neuron' only, not "
+                         f"method={config.method!r}, cap_mlp_factors={config.cap_mlp_factors!r}")
     if config.method == "cap":
         if head_scores is None:
             raise ValueError("method 'cap' needs head_scores (see cap_lab.scoring.head_scores)")
         if tuple(head_scores.shape) != (layout.num_layers, layout.num_heads):
             raise ValueError(f"head_scores shape {tuple(head_scores.shape)}; expected ({layout.num_layers}, {layout.num_heads})")
+        if config.cap_mlp_factors == "neuron" and neuron_scores is None:
+            raise ValueError("cap_mlp_factors='neuron' needs neuron_scores (see cap_lab.scoring.neurons)")
+        widths = [m.in_features for _, n, m in targets if n == "down_proj"]  # (L,) intermediate sizes
+        neuron_factors = (neuron_importance_factors(neuron_scores, layout, widths)
+                          if config.cap_mlp_factors == "neuron" else None)  # (L, I)
     allocation = (owl_allocation(model, layout, calib, config.sparsity, config.owl_lambda, config.owl_m, batch_size,
                                  execution_device) if config.owl else None)
     shares = allocation.layer_sparsity.tolist() if allocation else None
@@ -344,8 +335,14 @@ def prune_model(model: nn.Module, config: PruneConfig, *, head_scores: torch.Ten
     if config.method in SEQUENTIAL_METHODS:
         selected = sequential_prune(model, layout, calib, config, batch_size, progress, execution_device, shares)
     else:
-        fn = (cap_score_fn(head_scores, layout, config.kv_reduce) if config.method == "cap"
-              else random_score_fn(config.seed) if config.method == "random" else magnitude_score_fn)
+        if config.method == "cap":
+            sq_sums = (input_sq_sums(model, layout, calib, batch_size, execution_device)
+                       if config.cap_activation else None)  # dense model, before any weight is pruned
+            fn = cap_score_fn(head_scores, layout, config.kv_reduce, neuron_factors=neuron_factors, input_sq_sums=sq_sums)
+            if config.cap_scope == "layer" and shares is None:
+                shares = [float(config.sparsity)] * layout.num_layers  # one threshold per layer
+        else:
+            fn = random_score_fn(config.seed) if config.method == "random" else magnitude_score_fn
         per_matrix = config.method == "random" or (config.method == "magnitude" and config.magnitude_scope == "layer")
         masks, threshold = select_masks(fn, targets, config.sparsity, scope="matrix" if per_matrix else "global",
                                         nm=config.nm, layer_sparsity=shares, tolerance=config.tolerance)

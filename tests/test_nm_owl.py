@@ -9,8 +9,9 @@ from cap_lab.calibration import CalibrationConfig, build_calibration_set
 from cap_lab.cli import main
 from cap_lab.modeling import capture_inputs, get_layout
 from cap_lab.models import TINY_ARCHS, tiny_random_model
+from cap_lab.cap_scores import cap_score_fn
 from cap_lab.pruning import (
-    PruneConfig, apply_pruning_masks, cap_score_fn, magnitude_score_fn, prune_model, random_score_fn, sparsity_by,
+    PruneConfig, apply_pruning_masks, magnitude_score_fn, prune_model, random_score_fn, sparsity_by,
 )
 from cap_lab.saving import read_prune_info
 from cap_lab.selection import check_nm, nm_group_nonzeros, nm_prune_mask, nm_sparsity, select_masks

@@ -5,9 +5,8 @@ from cap_lab.modeling import get_layout
 from cap_lab.calibration import CalibrationConfig, build_calibration_set
 from cap_lab.modeling import capture_inputs
 from cap_lab.models import TINY_ARCHS, tiny_random_model
-from cap_lab.pruning import (
-    PruneConfig, importance_factors, prune_model, region_factors, sparsity_by, wanda_row_mask,
-)
+from cap_lab.cap_scores import importance_factors, region_factors
+from cap_lab.pruning import PruneConfig, prune_model, sparsity_by, wanda_row_mask
 
 from conftest import state_copy
 

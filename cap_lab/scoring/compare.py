@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from cap_lab.modeling import get_layout
-from cap_lab.pruning import cap_score_fn
+from cap_lab.cap_scores import cap_score_fn
 from cap_lab.selection import global_threshold, threshold_masks
 
 
