@@ -1,16 +1,20 @@
-"""CAP variants: per-neuron MLP factors, activation-aware scores, per-layer thresholds.
+"""CAP variants: per-neuron MLP factors, activation-aware scores, per-layer thresholds (and the CLI flags).
 
 Each variant's masks are checked against Eq. 3-4 written out region by region with one sort over
 all scores (the obvious implementation); the defaults must give the paper's CAP exactly.
 """
+import json
+
 import pytest
 import torch
 
 from cap_lab.calibration import CalibrationConfig, build_calibration_set
 from cap_lab.cap_scores import cap_score_fn, importance_factors, neuron_importance_factors, region_factors
+from cap_lab.cli import main
 from cap_lab.modeling import capture_inputs, get_layout
 from cap_lab.models import tiny_random_model
 from cap_lab.pruning import PruneConfig, prune_model
+from cap_lab.saving import read_prune_info
 from cap_lab.sparsity_allocation import input_sq_sums
 from cap_lab.wanda import wanda_score
 
@@ -227,3 +231,42 @@ def test_prune_model_refuses_missing_or_misshapen_inputs(one_thread):
     with pytest.raises(ValueError, match="method 'cap' with cap_activation needs a calibration set"):
         prune_model(lm.model, PruneConfig(method="cap", sparsity=0.3, cap_activation=True), head_scores=heads)
     assert not any(bool((m.weight == 0).any()) for _, _, m in layout.linear_weights(lm.model))  # nothing pruned
+
+
+# ------------------------------------------------------------------ command line
+def test_cli_variant_flags_parse_with_the_papers_defaults():
+    from cap_lab.cli import build_parser
+
+    default = build_parser().parse_args(["prune", "--out", "x"])
+    assert (default.cap_mlp_factors, default.cap_activation, default.cap_scope) == ("layer_mean", False, "global")
+    args = build_parser().parse_args(["prune", "--out", "x", "--cap-mlp-factors", "neuron", "--cap-activation",
+                                      "--cap-scope", "layer"])
+    assert (args.cap_mlp_factors, args.cap_activation, args.cap_scope) == ("neuron", True, "layer")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--cap-scope", "matrix"], "argument --cap-scope: invalid choice: 'matrix'"),
+    (["--cap-mlp-factors", "neurons"], "argument --cap-mlp-factors: invalid choice: 'neurons'"),
+    (["--method", "wanda", "--cap-activation"], "cap_activation=True: a CAP variant, for method 'cap' only, not 'wanda'"),
+    (["--nm", "2:4", "--cap-scope", "layer"], "cap_scope='layer' with nm=2:4"),
+])
+def test_cli_refuses_bad_variant_flags_in_one_line(args, needle, data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CAP_LAB_DATA", str(data_dir))
+    sparsity = [] if "--nm" in args else ["--sparsity", "0.3"]
+    assert main(["prune", *sparsity, *args, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cap-lab: error:") and needle in err and "\n" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_prunes_with_every_variant_and_records_them(tiny_dir, data_dir, tmp_path, capsys, one_thread):
+    out = tmp_path / "cap-variants"
+    assert main(["prune", "--model", str(tiny_dir), "--data-dir", str(data_dir), "--calib-per-task", "2",
+                 "--subsets", "2", "--max-length", "32", "--method", "cap", "--sparsity", "0.3",
+                 "--cap-mlp-factors", "neuron", "--cap-activation", "--cap-scope", "layer", "--out", str(out)]) == 0
+    info = read_prune_info(out)
+    assert (info["cap_mlp_factors"], info["cap_activation"], info["cap_scope"]) == ("neuron", True, "layer")
+    assert abs(info["achieved_sparsity"] - 0.3) < 1e-3
+    meta = json.loads((out / "cap_lab.json").read_text())
+    assert meta["neuron_scores"]["method"] == "attribution" and meta["neuron_scores"]["calibration"]["n_subsets"] == 2
+    assert meta["activation_calibration"]["n_per_task"] == 2

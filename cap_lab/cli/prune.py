@@ -14,6 +14,14 @@ the scores' own for ``cap`` (from the scores file, not this command's calibratio
 sparsity at (M - N) / M (``--sparsity`` may then be omitted); the pattern is checked in every
 prunable matrix before saving. ``--owl`` allocates ``--sparsity`` over the layers by their
 outlier ratios (OWL; needs the calibration set, for every method).
+
+CAP variants (:class:`cap_lab.pruning.PruneConfig`; ``--method cap`` only, refused otherwise):
+``--cap-mlp-factors neuron`` gives every MLP neuron's gate/up row and down column its own
+factor, from neuron scores computed here on the calibration set
+(:func:`cap_lab.scoring.neurons.score_neurons_attribution`, recorded as ``neuron_scores`` in
+``cap_lab.json``); ``--cap-activation`` scores ``|W_ij| * ||X_j||_2 * I`` with input norms from
+the dense model on the calibration set; ``--cap-scope layer`` prunes every decoder layer to
+``--sparsity`` with its own threshold instead of one global threshold.
 """
 from __future__ import annotations
 
@@ -22,13 +30,14 @@ import sys
 import time
 
 from cap_lab.calibration import build_calibration_set
+from cap_lab.cap_scores import MLP_FACTORS
 from cap_lab.cli.checks import check_data_source, device, fraction, int_at_least, positive_float
 from cap_lab.cli.common import add_calibration_args, add_model_args, calibration_config_from_args, load_model_from_args
 from cap_lab.cli.scores_json import check_scores_fit, read_scores_json, score_provenance
 from cap_lab.modeling import get_layout
-from cap_lab.pruning import KV_REDUCE, MAGNITUDE_SCOPES, PRUNE_METHODS, PruneConfig, prune_model, sparsity_by
+from cap_lab.pruning import CAP_SCOPES, KV_REDUCE, MAGNITUDE_SCOPES, PRUNE_METHODS, PruneConfig, prune_model, sparsity_by
 from cap_lab.saving import check_output_folder, save_pruned
-from cap_lab.scoring import head_scores
+from cap_lab.scoring import head_scores, score_neurons_attribution
 from cap_lab.selection import check_nm, nm_group_nonzeros
 from cap_lab.sparsity_allocation import OWL_LAMBDA, OWL_M
 
@@ -62,6 +71,13 @@ def add_parser(sub) -> None:
                    help=f"owl: a Wanda score above M x its layer's mean is an outlier (default {OWL_M:g})")
     p.add_argument("--kv-reduce", choices=KV_REDUCE, default="mean", help=f"GQA k/v factor: {', '.join(KV_REDUCE)}")
     p.add_argument("--magnitude-scope", choices=MAGNITUDE_SCOPES, default="global", help=f"{', '.join(MAGNITUDE_SCOPES)}")
+    p.add_argument("--cap-mlp-factors", choices=MLP_FACTORS, default="layer_mean",
+                   help="cap: MLP weights get the layer's mean head factor (layer_mean, paper) or their neuron's "
+                        "(neuron: scored here by attribution patching on the calibration set)")
+    p.add_argument("--cap-activation", action="store_true",
+                   help="cap: score |W_ij| * ||X_j||_2 * I (input norms of the dense model on the calibration set)")
+    p.add_argument("--cap-scope", choices=CAP_SCOPES, default="global",
+                   help="cap: one global threshold, or one per decoder layer (each layer pruned to --sparsity)")
     p.add_argument("--sparsegpt-block-size", type=int_at_least(1), default=128,
                    help="sparsegpt: columns per block (mask selection and lazy OBS updates; paper: 128)")
     p.add_argument("--sparsegpt-damping", type=fraction, default=0.01,
@@ -73,8 +89,8 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out if it is a checkpoint written by cap_lab (never any other folder)")
     p.add_argument("--execution-device", type=device, default=None,
-                   help="wanda, sparsegpt: keep the model where --device put it (e.g. cpu) and run each decoder "
-                        "layer on this device one at a time (for models larger than the GPU)")
+                   help="wanda, sparsegpt, --owl, --cap-activation: keep the model where --device put it (e.g. "
+                        "cpu) and run each decoder layer on this device one at a time (for models larger than the GPU)")
     p.set_defaults(run=run)
 
 
@@ -84,16 +100,18 @@ def run(args) -> int:
     config = PruneConfig(method=args.method, sparsity=args.sparsity, kv_reduce=args.kv_reduce,
                          magnitude_scope=args.magnitude_scope, seed=args.seed,
                          sparsegpt_block_size=args.sparsegpt_block_size, sparsegpt_damping=args.sparsegpt_damping,
-                         nm=args.nm, owl=args.owl, owl_lambda=args.owl_lambda, owl_m=args.owl_m)
+                         nm=args.nm, owl=args.owl, owl_lambda=args.owl_lambda, owl_m=args.owl_m,
+                         cap_mlp_factors=args.cap_mlp_factors, cap_activation=args.cap_activation, cap_scope=args.cap_scope)
     if args.scores and config.method != "cap":
         print(f"cap-lab: warning: --scores is used by --method cap only; {config.method} ignores it", file=sys.stderr)
-    if args.execution_device and config.method not in SEQUENTIAL and not config.owl:
-        print(f"cap-lab: warning: --execution-device is used by --method wanda and sparsegpt (and --owl) only; "
-              f"{config.method} runs no forward pass", file=sys.stderr)
+    if args.execution_device and config.method not in SEQUENTIAL and not config.owl and not config.cap_activation:
+        print(f"cap-lab: warning: --execution-device is used by --method wanda and sparsegpt (and --owl, "
+              f"--cap-activation) only; {config.method} runs no forward pass", file=sys.stderr)
     calib_config = calibration_config_from_args(args)
     out = check_output_folder(args.out, args.overwrite)  # every check before the slow load
     scores_file = read_scores_json(args.scores) if args.scores and config.method == "cap" else None
-    needs_calib = config.method in SEQUENTIAL or config.owl or (config.method == "cap" and scores_file is None)
+    needs_calib = (config.method in SEQUENTIAL or config.owl or (config.method == "cap" and scores_file is None)
+                   or config.cap_activation or config.cap_mlp_factors == "neuron")
     if needs_calib:
         check_data_source(args.data_dir)
     start = time.perf_counter()
@@ -112,8 +130,13 @@ def run(args) -> int:
     elif config.method == "cap":
         result = head_scores(lm, calib, batch_size=args.batch_size)
         scores, provenance = result.scores, dict(score_provenance(result, calib), model=source_identity)
+    neurons, neuron_provenance = None, None
+    if config.cap_mlp_factors == "neuron":
+        scored = score_neurons_attribution(lm.model, calib, batch_size=args.batch_size)
+        neurons = scored.per_layer()
+        neuron_provenance = dict(scored.settings, aggregate=scored.aggregate, calibration=calib.config.to_dict())
     result = prune_model(lm.model, config, head_scores=scores, calib=calib, batch_size=args.batch_size,
-                         execution_device=args.execution_device)
+                         execution_device=args.execution_device, neuron_scores=neurons)
     by_matrix = sparsity_by(result.report, "matrix")
     print(by_matrix.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     print(f"{config.method}: target sparsity {config.sparsity:.4f}, achieved {result.achieved_sparsity:.6f} "
@@ -131,7 +154,8 @@ def run(args) -> int:
               f"M {config.owl_m:g}); by layer: {' '.join(f'{x:.3f}' for x in shares.tolist())}")
     calibration = provenance["calibration"] if provenance else calib.config.to_dict() if calib is not None else None
     meta = dict(result.summary(), source_model=source_identity, scores=provenance, calibration=calibration,
-                score_cache_key=provenance["cache_key"] if provenance else None)
+                score_cache_key=provenance["cache_key"] if provenance else None, neuron_scores=neuron_provenance,
+                activation_calibration=calib.config.to_dict() if config.cap_activation else None)
     path = save_pruned(lm.model, lm.tokenizer, out, meta, overwrite=args.overwrite)
     print(f"pruned checkpoint written to {path} in {time.perf_counter() - start:.1f} s")
     return 0
