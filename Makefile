@@ -59,8 +59,12 @@ demo: setup
 		--scores runs/demo/scores.json --out runs/demo/smollm2-cap-0.2 --overwrite
 
 # The main job: regenerate figures/ with the `cpu` profile (notebooks 01-04, headless).
+# PROFILE=cpu-full: the same at full evaluation size (hours; figures/cpu-full). Its sweep stores
+# every finished (model, method, sparsity, task) in results/cpu-full, so an interrupted run
+# goes on where it stopped when the command is given again (commit results/ to resume elsewhere).
+PROFILE ?= cpu
 figures: setup
-	$(BIN)/python scripts/run_notebooks.py --profile cpu
+	$(BIN)/python scripts/run_notebooks.py --profile $(PROFILE)
 
 bench: setup
 	$(BIN)/python benchmarks/bench_scoring.py

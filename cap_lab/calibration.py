@@ -7,6 +7,13 @@ proxy for problem complexity that does not depend on the tokenizer, so every mod
 calibrated on the same questions), with a fixed seed. The examples are then dealt into K
 disjoint subsets so that each subset holds every task in near-equal shares.
 
+Disjoint draws (the head-score stability study, :mod:`cap_lab.stability`): with ``draw`` set to
+0 or 1, each task's pool is first split into two halves by a fixed permutation (seeded by
+:data:`DRAW_SPLIT_SEED` and the task name, independent of ``seed`` and ``n_per_task``), and the
+examples are sampled from that half only. Draws 0 and 1 therefore never share an example,
+whatever their sizes and seeds; ``draw=None`` (the default, the paper's setting) samples the
+whole pool.
+
 Each example is an input-target pair (texts in :mod:`cap_lab.prompts`); only target tokens
 carry the loss. When prompt plus target exceed ``max_length`` tokens the target keeps at least
 half the budget (its tail is cut) and the prompt is cut from the left.
@@ -26,6 +33,10 @@ import numpy as np
 import torch
 
 from cap_lab.data import TASKS, Example, calibration_pool
+
+#: the seed of the fixed split of every pool into the halves that ``draw`` 0 and 1 sample from
+DRAW_SPLIT_SEED = 20260507
+N_DRAWS = 2
 from cap_lab.prompts import (
     FORMAT_VERSION, TargetFormat, calibration_target, calibration_user_text, encode_continuation,
     encode_prompt, resolve_style,
@@ -44,6 +55,8 @@ class CalibrationConfig:
         max_length: token cap per example.
         prompt_style: ``auto`` (chat template when the tokenizer has one), ``chat`` or ``plain``.
         target: the target text format.
+        draw: ``None`` (whole pool, the default) or 0/1: sample only from that half of each
+            task's pool, so two draws never share an example (see the module docstring).
     """
 
     tasks: tuple[str, ...] = TASKS
@@ -53,6 +66,7 @@ class CalibrationConfig:
     max_length: int = 512
     prompt_style: str = "auto"
     target: TargetFormat = field(default_factory=TargetFormat)
+    draw: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tasks", tuple(self.tasks))
@@ -68,10 +82,14 @@ class CalibrationConfig:
             )
         if self.max_length < 8:
             raise ValueError(f"max_length={self.max_length}; must be >= 8")
+        if self.draw is not None and (type(self.draw) is not int or not 0 <= self.draw < N_DRAWS):
+            raise ValueError(f"draw={self.draw!r}; allowed: None (whole pool) or 0..{N_DRAWS - 1}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["tasks"] = list(self.tasks)
+        if d["draw"] is None:  # the whole pool: the same key as before draws existed
+            del d["draw"]
         d["format_version"] = FORMAT_VERSION
         return d
 
@@ -191,6 +209,18 @@ def stratified_sample(pool: list[Example], lengths: list[int], n: int, rng: rand
     return chosen
 
 
+def draw_pool(pool: list[Example], task: str, draw: int | None) -> list[Example]:
+    """The half of ``pool`` that ``draw`` samples from (the whole pool when ``draw`` is None).
+
+    The halves come from one fixed permutation per task, so they are disjoint and cover the pool.
+    """
+    if draw is None:
+        return pool
+    order = list(range(len(pool)))
+    random.Random(f"{DRAW_SPLIT_SEED}:{task}").shuffle(order)
+    return [pool[i] for i in sorted(order[draw::N_DRAWS])]
+
+
 def _truncate(prompt: list[int], target: list[int], max_length: int) -> tuple[list[int], list[int]]:
     if len(prompt) + len(target) <= max_length:
         return prompt, target
@@ -214,7 +244,7 @@ def build_calibration_set(tokenizer, config: CalibrationConfig = CalibrationConf
     items: list[CalibrationItem] = []
     for t_index, task in enumerate(config.tasks):
         rng = random.Random(f"{config.seed}:{task}")
-        pool = calibration_pool(task, data_dir)
+        pool = draw_pool(calibration_pool(task, data_dir), task, config.draw)
         lengths = [len(e.question) + len(calibration_target(e, config.target)) for e in pool]
         chosen = stratified_sample(pool, lengths, config.n_per_task, rng)
         rng.shuffle(chosen)

@@ -2,7 +2,7 @@
 
 A profile is a frozen dataclass listing the models, the calibration set (paper Sec. 3.1: n per
 task, K subsets, seed, max length), the scoring method, the pruning methods and sparsities
-(Sec. 4), and the evaluation tasks and sizes (Sec. 4-5). Three are built in:
+(Sec. 4), and the evaluation tasks and sizes (Sec. 4-5). Four are built in:
 
 * ``ci``: the real default model on the real data with the smallest settings that still
   exercise every code path (every notebook runs end to end in CI);
@@ -10,6 +10,11 @@ task, K subsets, seed, max length), the scoring method, the pruning methods and 
   notebooks 01-04 finish in under 45 minutes on a 2-core machine. Log-likelihood accuracy and
   WikiText-2 perplexity carry the signal at this model size; CoT accuracy runs on a smaller
   limit;
+* ``cpu-full``: Table 1 at the largest size this CPU allows in a few hours: the whole
+  ARC-Challenge test and StrategyQA dev splits by log-likelihood and 40 WikiText-2 windows of
+  2048 tokens, both models, every method at 10/20/50%. Its sweep stores every (model, method,
+  sparsity, task) result in ``results/cpu-full`` (committed), so the run can stop anywhere and
+  the next ``make figures PROFILE=cpu-full``, on this machine or another, goes on from there;
 * ``paper``: the paper's settings (Llama-3-8B-Instruct and Mistral-7B-Instruct-v0.2 from the
   hub, 128 per task, K=3, 10/20/50% sparsity, full test sets, 100 windows of 2048 tokens of
   WikiText-2) for a GPU machine;
@@ -27,7 +32,7 @@ A notebook picks its profile with its ``profile`` parameter; ``None`` means the
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from cap_lab.calibration import CalibrationConfig
@@ -41,6 +46,8 @@ TABLE1_METHODS = ("magnitude", "wanda", "cap")
 #: the paper's sparsities (Table 1's columns), used by every profile that builds Table 1
 TABLE1_SPARSITIES = (0.1, 0.2, 0.5)
 TINY_PREFIX = "tiny-"  # "tiny-llama", "tiny-gemma3": seeded random test models
+#: the calibration of the ``cpu`` and ``cpu-full`` profiles' CAP, chosen by notebook 02's stability study
+CPU_CALIBRATION = CalibrationConfig(n_per_task=128, n_subsets=3, max_length=64, draw=0)
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,8 @@ class Profile:
         name: ``ci``, ``cpu``, ``paper`` or ``tiny``.
         models: model aliases, folders or hub ids (``tiny-<arch>`` for random test models).
         calibration: the calibration set (n per task, K, seed, max length, tasks).
-        stability_seed: a second calibration seed, for ranking stability (notebook 02).
+        stability: the head-score stability study of notebook 02 (:mod:`cap_lab.stability`):
+            ``((scorer, (n_per_task, ...)), ...)``, two disjoint calibration draws per size.
         score_method: head scorer (``exact`` masks every head; see :mod:`cap_lab.scoring`).
         score_batch_size: calibration items per scoring forward.
         compare_scoring: other scorers shown beside ``score_method`` in notebook 02.
@@ -109,13 +117,16 @@ class Profile:
         figures_dir: where figures and tables go, relative to the repository root (``ci``
             and ``tiny`` write to the git-ignored ``executed/`` so the committed ``cpu``
             figures are never overwritten).
+        results_dir: where the sweep stores its cells, relative to the repository root, for a
+            run too long for one sitting (``cpu-full``): its entries are committed, so the run
+            resumes on another machine; ``None``: the machine's cache (:mod:`cap_lab.sweep`).
         description: one line for reports.
     """
 
     name: str
     models: tuple[str, ...]
     calibration: CalibrationConfig
-    stability_seed: int = 1
+    stability: tuple[tuple[str, tuple[int, ...]], ...] = ()
     score_method: str = "exact"
     score_batch_size: int = 8
     compare_scoring: tuple[str, ...] = ("attribution",)
@@ -125,6 +136,7 @@ class Profile:
     eval: EvalPlan = field(default_factory=EvalPlan)
     explorer_sparsities: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
     figures_dir: str = "figures"
+    results_dir: str | None = None
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -136,16 +148,34 @@ class Profile:
             raise ValueError(f"sparsities {bad!r} are outside (0, 1)")
         if not self.models:
             raise ValueError(f"profile {self.name!r} lists no models")
+        bad = [m for m, _ in self.stability if m not in ("exact", "attribution", "reference")]
+        if bad:
+            raise ValueError(f"stability scorers {bad!r}; allowed: exact, attribution, reference")
+
+    def comparison_calibration(self) -> CalibrationConfig:
+        """The calibration set on which notebook 02 compares the scorers of ``compare_scoring``.
+
+        Draw 0 at the smallest stability-study size that every one of them (and
+        ``score_method``) is studied at, so the comparison reuses the study's cached scores;
+        the profile's own calibration when there is no such size.
+        """
+        methods = {self.score_method, *self.compare_scoring}
+        sizes = [set(ns) for m, ns in self.stability if m in methods]
+        common = set.intersection(*sizes) if len(sizes) == len(methods) else set()
+        if not common:
+            return self.calibration
+        return replace(self.calibration, n_per_task=min(common), draw=0)
 
     def to_dict(self) -> dict:
         """JSON-ready settings (recorded in the figure manifest)."""
         return dict(
             name=self.name, models=list(self.models), calibration=self.calibration.to_dict(),
-            stability_seed=self.stability_seed, score_method=self.score_method,
+            stability=[[m, list(ns)] for m, ns in self.stability], score_method=self.score_method,
             compare_scoring=list(self.compare_scoring),
             magnitude_scope=self.magnitude_scope,
             methods=list(self.methods), sparsities=list(self.sparsities), eval=self.eval.to_dict(),
             explorer_sparsities=list(self.explorer_sparsities), figures_dir=self.figures_dir,
+            results_dir=self.results_dir,
         )
 
 
@@ -156,8 +186,9 @@ PROFILES: dict[str, Profile] = {
         Profile(
             name="tiny",
             models=("tiny-llama",),
-            calibration=CalibrationConfig(n_per_task=4, n_subsets=2, max_length=64),
+            calibration=CalibrationConfig(n_per_task=4, n_subsets=2, max_length=64, draw=0),
             score_method="exact",
+            stability=(("exact", (2, 4)), ("attribution", (2, 4))),
             sparsities=TABLE1_SPARSITIES,
             eval=EvalPlan(loglik_limit=3, cot_limit=1, cot_max_new_tokens=8, ppl_seqlen=32, ppl_windows=1, batch_size=4),
             figures_dir="executed/figures-tiny",
@@ -166,9 +197,10 @@ PROFILES: dict[str, Profile] = {
         Profile(
             name="ci",
             models=(DEFAULT_MODEL,),
-            calibration=CalibrationConfig(n_per_task=2, n_subsets=2, max_length=64),
-            score_method="attribution",  # exact: ~0.7 s per calibration token here, x2 seeds: ~9 min
+            calibration=CalibrationConfig(n_per_task=2, n_subsets=2, max_length=64, draw=0),
+            score_method="attribution",  # exact: ~0.7 s per calibration token here
             compare_scoring=(),
+            stability=(("attribution", (2,)),),
             sparsities=TABLE1_SPARSITIES,
             eval=EvalPlan(cot_tasks=("gsm8k",), loglik_limit=2, cot_limit=1, cot_max_new_tokens=8, ppl_seqlen=128,
                               ppl_windows=1, batch_size=4),
@@ -179,15 +211,32 @@ PROFILES: dict[str, Profile] = {
         Profile(
             name="cpu",
             models=(DEFAULT_MODEL, "gemma3-270m"),
-            # exact scoring costs ~0.7 s (smollm2) / ~0.4 s (gemma3) per calibration token here,
-            # twice (notebook 02 scores a second seed): 64-token items keep it near 20 minutes
-            calibration=CalibrationConfig(n_per_task=3, n_subsets=3, max_length=64),
-            score_method="exact",
+            # chosen by the stability study of notebook 02 (README, "Head-score stability"):
+            # exact scores of 3 items per task from two disjoint draws barely agree, and exact
+            # scoring costs ~0.55 s per calibration token here; attribution scores of 128 per
+            # task (the paper's size) do (see figures/02_stability.md)
+            calibration=CPU_CALIBRATION,
+            score_method="attribution",
+            compare_scoring=("exact",),
+            stability=(("exact", (3,)), ("attribution", (3, 8, 32, 128))),
             sparsities=TABLE1_SPARSITIES,
             eval=EvalPlan(cot_tasks=("gsm8k",), loglik_limit=40, cot_limit=8, cot_max_new_tokens=96, ppl_seqlen=512,
                               ppl_windows=4, batch_size=8),
             figures_dir="figures",
             description="laptop-class CPU: default model + gemma3-270m, < 45 min for notebooks 01-04",
+        ),
+        Profile(
+            name="cpu-full",
+            models=(DEFAULT_MODEL, "gemma3-270m"),
+            calibration=CPU_CALIBRATION,
+            score_method="attribution",
+            compare_scoring=(),
+            sparsities=TABLE1_SPARSITIES,
+            eval=EvalPlan(cot_tasks=(), loglik_limit=None, cot_limit=0, ppl_seqlen=2048, ppl_windows=40, batch_size=8),
+            figures_dir="figures/cpu-full",
+            results_dir="results/cpu-full",
+            description="Table 1 at the largest size a 2-core CPU allows: whole ARC-Challenge test and StrategyQA dev "
+                        "splits (log-likelihood), 40 WikiText-2 windows of 2048 tokens; hours, resumable",
         ),
         Profile(
             name="paper",

@@ -214,6 +214,28 @@ def median_vs_mean(median: torch.Tensor, mean: torch.Tensor, *, model: str, prof
     return fig
 
 
+def stability_curve(study: pd.DataFrame, *, model: str, profile=None, threshold: float = 0.8) -> Figure:
+    """Head-score agreement of two disjoint calibration draws vs their size (:func:`cap_lab.stability.stability_study`).
+
+    Panels: Spearman (with the ``threshold`` line), top-10% overlap, and the fraction of weights
+    CAP prunes differently at the study's sparsity; one line per scorer.
+    """
+    df = study[study["model"] == model]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for (col, label), ax in zip([("spearman", "Spearman rho"), ("top_overlap", "top-10% overlap"),
+                                 ("pruned_differently", "weights pruned differently (%)")], axes):
+        for i, (method, part) in enumerate(df.groupby("method")):
+            part = part.sort_values("n_per_task")
+            ax.plot(part["n_per_task"], part[col] * (100 if col == "pruned_differently" else 1), marker="o", color=f"C{i}", label=method)
+        ax.set(xscale="log", xlabel="calibration examples per task (each draw)", ylabel=label, title=label)
+        ax.legend(fontsize=8)
+    axes[0].axhline(threshold, color="k", ls="--", lw=0.8)
+    fig.suptitle(f"Head-score stability between two disjoint calibration draws (K fixed): {model}")
+    _note(fig, model, profile)
+    fig.tight_layout()
+    return fig
+
+
 # ------------------------------------------------------------------ notebooks 03 and 04: the sweep
 def accuracy_vs_sparsity(results: pd.DataFrame, *, model: str, profile=None) -> Figure:
     """One panel per task and mode: value vs sparsity for each method, with 95% CI bars; dense at 0.

@@ -10,12 +10,18 @@ For one model, a sweep visits the dense model and every (method, sparsity) of a 
 3. records what pruning did (achieved sparsity, per layer, per matrix type, per head),
 4. evaluates (:func:`cap_lab.evaluation.evaluate`): log-likelihood accuracy and CoT accuracy
    on the reasoning tasks and WikiText-2 perplexity, each with its confidence interval,
-5. writes the record to the settings-keyed store (:mod:`cap_lab.store`, ``<cache_root>/sweep``).
+5. writes the record to the settings-keyed store (:mod:`cap_lab.store`, ``<results>/sweep``).
+
+Every (task, mode) of a cell is also stored on its own as soon as it is evaluated
+(``<results>/rows``), so a run stopped in the middle of a cell loses at most the task it was
+on, and the next run goes on from there. ``<results>`` is :func:`results_root`: the machine's
+cache, or, for a profile with a ``results_dir`` (``cpu-full``), a folder of the checkout whose
+entries are committed, so a run of hours can be resumed on another machine.
 
 A cell's key holds the dense model's identity (name and weight fingerprint), the calibration
 settings, the scoring method, the pruning settings and the evaluation settings, so an
 interrupted sweep resumes at the first missing cell, and notebooks 03, 04 and 05 read what an
-earlier notebook computed. The pruning summary alone is also stored (``<cache_root>/prune``) so the
+earlier notebook computed. The pruning summary alone is also stored (``<results>/prune``) so the
 explorer (notebook 05) can show any cell without pruning again.
 """
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -31,7 +38,7 @@ from torch import nn
 from cap_lab import store
 from cap_lab.modeling import get_layout
 from cap_lab.calibration import CalibrationSet, build_calibration_set
-from cap_lab.config import Profile, get_profile, load_profile_model
+from cap_lab.config import Profile, get_profile, load_profile_model, repo_root
 from cap_lab.evaluation import LOGLIK_TASKS, evaluate
 from cap_lab.models import LoadedModel, cache_root
 from cap_lab.pruning import PruneConfig, attention_sparsity_per_head, prune_model, sparsity_by
@@ -39,6 +46,11 @@ from cap_lab.scoring import HeadScores, head_scores
 
 SWEEP_VERSION = "1"
 DENSE = "dense"
+
+
+def results_root(profile: Profile) -> Path:
+    """Where a profile's sweep entries live: ``<checkout>/<results_dir>`` if it has one, else the cache."""
+    return repo_root() / profile.results_dir if profile.results_dir else cache_root()
 
 
 # ------------------------------------------------------------------ dense weights
@@ -173,13 +185,13 @@ def prune_cell(ctx: SweepContext, cell: SweepCell, progress: bool = False) -> di
         "head_sparsity": attention_sparsity_per_head(ctx.lm.model).tolist(),
         "prune_seconds": time.perf_counter() - start,
     }
-    store.save(cache_root() / "prune", _prune_payload(ctx, cell), {"summary": summary})
+    store.save(results_root(ctx.profile) / "prune", _prune_payload(ctx, cell), {"summary": summary})
     return summary
 
 
 def cached_prune_summary(ctx: SweepContext, cell: SweepCell) -> dict | None:
     """The cached pruning summary of ``cell``, or ``None``."""
-    hit = store.load(cache_root() / "prune", _prune_payload(ctx, cell))
+    hit = store.load(results_root(ctx.profile) / "prune", _prune_payload(ctx, cell))
     return None if hit is None else hit.metadata["summary"]
 
 
@@ -249,35 +261,65 @@ def evaluate_model(lm: LoadedModel, profile: Profile, *, data_dir=None, progress
 
 
 # ------------------------------------------------------------------ one cell, one model
-CELL_VERSION = "2"  # 2: rows carry per-example outcomes
+CELL_VERSION = "3"  # 2: rows carry per-example outcomes; 3: each task is stored as it finishes
 
 
 def _cell_payload(ctx: SweepContext, cell: SweepCell) -> dict:
     return dict(_prune_payload(ctx, cell), eval=evaluate_settings(ctx.profile), cell_version=CELL_VERSION)
 
 
+def evaluation_units(profile: Profile) -> list[tuple[str, str]]:
+    """The ``(mode, task)`` evaluations of every cell, in the order they run."""
+    plan = profile.eval
+    units = [("loglik", t) for t in loglik_tasks(plan.tasks)]
+    units += [("cot", t) for t in (plan.cot_tasks if plan.cot_limit else ())]
+    return units + [("ppl", "wikitext2")]
+
+
+def _evaluate_unit(ctx: SweepContext, mode: str, task: str, progress: bool) -> dict:
+    start = time.perf_counter()
+    (row,) = evaluate_model(ctx.lm, ctx.profile, data_dir=ctx.data_dir, progress=progress,
+                            loglik=(task,) if mode == "loglik" else (), cot=(task,) if mode == "cot" else (),
+                            ppl=mode == "ppl")
+    return dict(row, seconds=time.perf_counter() - start)
+
+
 def run_cell(ctx: SweepContext, cell: SweepCell, *, force: bool = False, progress: bool = False) -> dict:
-    """Prune, evaluate and cache one cell (or read it from the cache).
+    """Prune, evaluate and store one cell (or read it, or the tasks already done, from the store).
 
     Returns:
-        The record: ``model``, ``method``, ``sparsity``, the pruning summary and ``rows``
-        (see :func:`evaluate_model`). The model holds the dense weights again on return.
+        The record: ``model``, ``method``, ``sparsity``, the pruning summary, ``rows`` (see
+        :func:`evaluate_model`; each with the ``seconds`` it took) and ``seconds`` (this
+        call's wall time). The model holds the dense weights again on return, also after an
+        error or an interruption.
     """
+    root = results_root(ctx.profile)
     payload = _cell_payload(ctx, cell)
     if not force:
-        hit = store.load(cache_root() / "sweep", payload)
+        hit = store.load(root / "sweep", payload)
         if hit is not None:
             return hit.metadata["record"]
     start = time.perf_counter()
-    summary = prune_cell(ctx, cell, progress)
+    summary, rows = None, []
     try:
-        rows = evaluate_model(ctx.lm, ctx.profile, data_dir=ctx.data_dir, progress=progress)
+        for mode, task in evaluation_units(ctx.profile):
+            unit = dict(payload, mode=mode, task=task)
+            hit = None if force else store.load(root / "rows", unit)
+            if hit is not None:
+                rows.append(hit.metadata["row"])
+                continue
+            if summary is None:  # prune only when some task still needs the pruned model
+                summary = prune_cell(ctx, cell, progress)
+            rows.append(_evaluate_unit(ctx, mode, task, progress))
+            store.save(root / "rows", unit, {"row": rows[-1]})
     finally:
         ctx.dense.restore(ctx.lm.model)
+    if summary is None:
+        summary = prune_summary(ctx, cell, progress)
     record = {"model": ctx.identity["name"], "method": cell.method, "sparsity": cell.sparsity, **summary,
               "rows": rows, "seconds": time.perf_counter() - start,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    store.save(cache_root() / "sweep", payload, {"record": record})
+    store.save(root / "sweep", payload, {"record": record})
     return record
 
 

@@ -2,6 +2,7 @@
 """Run the notebooks headless with nbclient under one profile; executed copies go to executed/.
 
     python scripts/run_notebooks.py --profile cpu          # notebooks 01-04: regenerate figures/
+    python scripts/run_notebooks.py --profile cpu-full     # the same, hours: figures/cpu-full (resumable)
     python scripts/run_notebooks.py --profile ci --all     # every notebook, CI-sized
 
 The kernel reads the profile from ``CAP_LAB_PROFILE`` (set here). Each notebook runs in its own
@@ -42,11 +43,12 @@ def run_notebook(path: Path, out_dir: Path, timeout: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default=os.environ.get("CAP_LAB_PROFILE", "cpu"), help="ci, cpu, paper or tiny (default cpu)")
+    parser.add_argument("--profile", default=os.environ.get("CAP_LAB_PROFILE", "cpu"), help="ci, cpu, cpu-full, paper or tiny (default cpu)")
     parser.add_argument("--all", action="store_true", help="also run 05_explorer (default: the main job, 01-04)")
     parser.add_argument("--only", nargs="*", default=None, help="notebook name prefixes to run, e.g. 01 03")
     parser.add_argument("--out", default=None, help="folder for executed copies (default executed/<profile>)")
-    parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    parser.add_argument("--timeout", type=int, default=86400,
+                        help="seconds per cell (default a day: the cpu-full sweep runs for hours)")
     args = parser.parse_args(argv)
 
     os.environ["CAP_LAB_PROFILE"] = args.profile

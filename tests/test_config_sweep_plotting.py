@@ -49,7 +49,7 @@ def fake_evaluate(calls: list):
 
 # ------------------------------------------------------------------ config
 def test_profiles_are_frozen_and_chosen_by_name_or_environment(monkeypatch):
-    assert {"ci", "cpu", "paper", "tiny"} <= set(PROFILES)
+    assert {"ci", "cpu", "cpu-full", "paper", "tiny"} <= set(PROFILES)
     monkeypatch.setenv("CAP_LAB_PROFILE", "ci")
     assert get_profile().name == "ci" and get_profile("paper").name == "paper"
     monkeypatch.delenv("CAP_LAB_PROFILE")
@@ -97,11 +97,14 @@ def test_sweep_caches_every_cell_and_resumes(data_dir, monkeypatch):
     cells = sweep.sweep_cells(TINY)
     assert cells[0].method == "dense" and len(cells) == 1 + len(TINY.methods) * len(TINY.sparsities)
     first = sweep.run_sweep(TINY, lm, data_dir=data_dir, progress=False, cells=cells[:3])
+    units = sweep.evaluation_units(TINY)
+    assert units == [("loglik", "strategyqa"), ("loglik", "arc_challenge"), ("cot", "gsm8k"), ("cot", "strategyqa"),
+                     ("cot", "arc_challenge"), ("ppl", "wikitext2")]
     n_calls = len(calls)
-    assert n_calls == 3 * 3  # loglik, cot, ppl per cell
+    assert n_calls == 3 * len(units)  # one evaluation per task and mode of each cell
     assert lm.fingerprint == dense_print  # the model is dense again after the sweep
     full = sweep.run_sweep(TINY, lm, data_dir=data_dir, progress=False)
-    assert len(calls) == n_calls + 3 * (len(cells) - 3)  # only the missing cells ran
+    assert len(calls) == n_calls + len(units) * (len(cells) - 3)  # only the missing cells ran
     assert full.records[:3] == first.records
     res = full.results()
     assert set(res["method"]) == {"dense", *TINY.methods}
@@ -110,6 +113,46 @@ def test_sweep_caches_every_cell_and_resumes(data_dir, monkeypatch):
         assert len(r["by_layer"]) == 3 and torch.tensor(r["head_sparsity"]).shape == (3, 4)
     layers = full.layer_sparsity()
     assert len(layers) == 3 * len(cells)
+
+
+def test_an_interrupted_cell_resumes_at_the_task_it_was_on(data_dir, monkeypatch, tmp_path):
+    calls = []
+    real = fake_evaluate(calls)
+
+    def evaluate(lm, tasks, settings, **kwargs):
+        if len(calls) == 2:  # the third task of the first run: as if the user pressed Ctrl-C
+            calls.append("interrupted")
+            raise KeyboardInterrupt
+        return real(lm, tasks, settings, **kwargs)
+
+    monkeypatch.setattr(sweep, "evaluate", evaluate)
+    profile = replace(TINY, results_dir=str(tmp_path / "results"))  # absolute: used as is
+    assert sweep.results_root(profile) == tmp_path / "results"
+    lm = load_profile_model("tiny-llama")
+    dense_print = lm.fingerprint
+    cell = sweep.SweepCell("wanda", 0.5)
+    ctx = sweep.open_model(profile, lm, data_dir=data_dir)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_cell(ctx, cell)
+    assert lm.fingerprint == dense_print  # restored even after the interruption
+    assert len(list((tmp_path / "results" / "rows").iterdir())) == 2  # the two finished tasks are stored
+    record = sweep.run_cell(ctx, cell)
+    units = sweep.evaluation_units(profile)
+    assert len(calls) == 3 + len(units) - 2  # the finished tasks were not evaluated again
+    assert [(r["mode"], r["task"]) for r in record["rows"]] == units
+    assert all(r["seconds"] >= 0 for r in record["rows"]) and abs(record["achieved_sparsity"] - 0.5) < 0.02
+    assert sweep.run_cell(ctx, cell) == record and len(calls) == 3 + len(units) - 2  # the whole cell is stored
+
+
+def test_the_cpu_full_profile_evaluates_whole_splits_and_commits_its_results():
+    full = get_profile("cpu-full")
+    plan = full.eval
+    assert plan.loglik_limit is None and plan.cot_limit == 0 and (plan.ppl_seqlen, plan.ppl_windows) == (2048, 40)
+    assert sweep.evaluation_units(full) == [("loglik", "strategyqa"), ("loglik", "arc_challenge"), ("ppl", "wikitext2")]
+    assert full.sparsities == (0.1, 0.2, 0.5) and full.methods == ("magnitude", "wanda", "cap")
+    assert full.results_dir == "results/cpu-full" and full.calibration == get_profile("cpu").calibration
+    assert sweep.results_root(full) == plotting.repo_root() / "results" / "cpu-full"
+    assert sweep.results_root(TINY) == sweep.cache_root()
 
 
 def test_table1_and_cap_vs_wanda_on_a_handmade_frame():

@@ -17,6 +17,7 @@ from cap_lab import plotting, sweep, tables
 from cap_lab.calibration import build_calibration_set
 from cap_lab.config import get_profile, load_profile_model
 from cap_lab.scoring import head_scores
+from cap_lab.stability import stability_study
 from cap_lab.widgets import Explorer
 
 pytestmark = pytest.mark.slow  # a second or more each; the notebooks they mirror run under nbval in CI too
@@ -52,18 +53,25 @@ def test_02_head_importance(data_dir, figures):
     lm = load_profile_model("tiny-llama")
     calib = build_calibration_set(lm.tokenizer, TINY.calibration, data_dir)
     hs = _scores(lm, calib)
-    other = _scores(lm, build_calibration_set(lm.tokenizer, replace(TINY.calibration, seed=TINY.stability_seed), data_dir))
+    other = _scores(lm, build_calibration_set(lm.tokenizer, replace(TINY.calibration, draw=1), data_dir))
     named = {f"subset {k}": s for k, s in enumerate(hs.per_subset())}
-    named.update(seed0=hs.scores, seed1=other.scores, mean=hs.with_aggregate("mean").scores)
+    named.update(draw0=hs.scores, draw1=other.scores, mean=hs.with_aggregate("mean").scores)
     corr = plotting.rank_correlations(named)
     assert corr.shape == (5, 5) and torch.allclose(torch.tensor(corr.values).diagonal(), torch.ones(5, dtype=torch.float64))
     assert plotting.top_heads(hs.scores, 3)["score"].iloc[0] == float(hs.scores.max())
+    study = stability_study(lm, TINY.calibration, dict(TINY.stability), data_dir=data_dir, progress=False)
+    assert list(zip(study["method"], study["n_per_task"])) == [("exact", 2), ("exact", 4), ("attribution", 2), ("attribution", 4)]
+    # the profile's own set is draw 0 at its size: the study's last exact point reuses its scores
+    assert study.iloc[1]["tokens_draw0"] == calib.n_tokens
+    small = build_calibration_set(lm.tokenizer, TINY.comparison_calibration(), data_dir)
+    assert TINY.comparison_calibration().n_per_task == 2 and len(small.items) == 6
     for name, fig in {"heat": plotting.head_heatmap(hs.scores, title="t", model=lm.name, profile=TINY),
                       "dist": plotting.score_distribution(hs.scores, model=lm.name, profile=TINY),
                       "stab": plotting.rank_stability(corr, model=lm.name, profile=TINY),
+                      "study": plotting.stability_curve(study, model=lm.name, profile=TINY),
                       "mvm": plotting.median_vs_mean(hs.scores, hs.with_aggregate("mean").scores, model=lm.name, profile=TINY)}.items():
         plotting.save_output(fig, f"02_{name}.png", profile=TINY, model=lm.name)
-    assert len(plotting.read_manifest(figures)) == 4
+    assert len(plotting.read_manifest(figures)) == 5
 
 
 def test_03_and_04_sweep_table_and_perplexity_vs_accuracy(data_dir, figures, monkeypatch):
