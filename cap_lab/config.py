@@ -46,6 +46,9 @@ TABLE1_METHODS = ("magnitude", "wanda", "cap")
 #: the paper's sparsities (Table 1's columns), used by every profile that builds Table 1
 TABLE1_SPARSITIES = (0.1, 0.2, 0.5)
 TINY_PREFIX = "tiny-"  # "tiny-llama", "tiny-gemma3": seeded random test models
+#: notebook 06's rows (defined in cap_lab.ablations.VARIANTS, which checks these names)
+ALL_VARIANTS = ("magnitude", "wanda", "sparsegpt", "cap", "cap-neuron", "cap-activation", "cap-layer", "cap-heads",
+                "cap-wikitext2", "cap-mean", "cap-k2", "cap-k5")
 #: the calibration of the ``cpu`` and ``cpu-full`` profiles' CAP, chosen by notebook 02's stability study
 CPU_CALIBRATION = CalibrationConfig(n_per_task=128, n_subsets=3, max_length=64, draw=0)
 
@@ -114,6 +117,9 @@ class Profile:
         sparsities: target global sparsities.
         eval: evaluation sizes.
         explorer_sparsities: the slider's stops in notebook 05.
+        ablation_variants: the rows of notebook 06's grid (:data:`cap_lab.ablations.VARIANTS`).
+        ablation_sparsities: their unstructured sparsities.
+        ablation_nm: their N:M patterns, ``((N, M), ...)``.
         figures_dir: where figures and tables go, relative to the repository root (``ci``
             and ``tiny`` write to the git-ignored ``executed/`` so the committed ``cpu``
             figures are never overwritten).
@@ -135,6 +141,9 @@ class Profile:
     sparsities: tuple[float, ...] = TABLE1_SPARSITIES
     eval: EvalPlan = field(default_factory=EvalPlan)
     explorer_sparsities: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
+    ablation_variants: tuple[str, ...] = ALL_VARIANTS
+    ablation_sparsities: tuple[float, ...] = TABLE1_SPARSITIES
+    ablation_nm: tuple[tuple[int, int], ...] = ((2, 4),)
     figures_dir: str = "figures"
     results_dir: str | None = None
     description: str = ""
@@ -175,7 +184,8 @@ class Profile:
             magnitude_scope=self.magnitude_scope,
             methods=list(self.methods), sparsities=list(self.sparsities), eval=self.eval.to_dict(),
             explorer_sparsities=list(self.explorer_sparsities), figures_dir=self.figures_dir,
-            results_dir=self.results_dir,
+            results_dir=self.results_dir, ablation_variants=list(self.ablation_variants),
+            ablation_sparsities=list(self.ablation_sparsities), ablation_nm=[list(p) for p in self.ablation_nm],
         )
 
 
@@ -191,6 +201,8 @@ PROFILES: dict[str, Profile] = {
             stability=(("exact", (2, 4)), ("attribution", (2, 4))),
             sparsities=TABLE1_SPARSITIES,
             eval=EvalPlan(loglik_limit=3, cot_limit=1, cot_max_new_tokens=8, ppl_seqlen=32, ppl_windows=1, batch_size=4),
+            ablation_variants=tuple(v for v in ALL_VARIANTS if v != "cap-k5"),
+            ablation_sparsities=(0.5,),
             figures_dir="executed/figures-tiny",
             description="seeded random tiny Llama: plumbing only (tests, browser test)",
         ),
@@ -205,6 +217,8 @@ PROFILES: dict[str, Profile] = {
             eval=EvalPlan(cot_tasks=("gsm8k",), loglik_limit=2, cot_limit=1, cot_max_new_tokens=8, ppl_seqlen=128,
                               ppl_windows=1, batch_size=4),
             explorer_sparsities=(0.2, 0.5),
+            ablation_variants=tuple(v for v in ALL_VARIANTS if v != "cap-k5"),
+            ablation_sparsities=(0.5,),
             figures_dir="executed/figures-ci",
             description="real default model, smallest settings that exercise every code path",
         ),

@@ -93,13 +93,16 @@ def _outcomes_by_cell(records: list[dict]) -> dict[tuple, dict]:
     return out
 
 
-def paired_differences(records: list[dict], n_resamples: int = N_RESAMPLES, seed: int = SEED) -> pd.DataFrame:
-    """Every comparison of :data:`COMPARISONS` at every sparsity, task and mode of the sweep.
+def paired_differences(records: list[dict], n_resamples: int = N_RESAMPLES, seed: int = SEED,
+                       comparisons=COMPARISONS) -> pd.DataFrame:
+    """Every comparison of ``comparisons`` at every sparsity, task and mode of the sweep.
 
     Args:
         records: :attr:`cap_lab.sweep.SweepResult.records` (rows with per-example outcomes).
         n_resamples: bootstrap resamples.
         seed: bootstrap seed.
+        comparisons: ``(a, b)`` method pairs, a minus b (default :data:`COMPARISONS`); ``b`` =
+            ``dense`` is the dense record whatever a's sparsity.
 
     Returns:
         One row per (model, sparsity, task, mode, a, b): ``delta`` (accuracy of a minus b, or
@@ -109,7 +112,7 @@ def paired_differences(records: list[dict], n_resamples: int = N_RESAMPLES, seed
     cells = _outcomes_by_cell(records)
     rows = []
     for (model, method, sparsity, task, mode), outcomes in cells.items():
-        for a, b in COMPARISONS:
+        for a, b in comparisons:
             if method != a or a == DENSE:
                 continue
             other = cells.get((model, b, 0.0 if b == DENSE else sparsity, task, mode))

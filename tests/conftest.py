@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,32 @@ def pytest_report_header(config):
     import transformers
 
     return f"cap_lab tested with transformers {transformers.__version__}, torch {torch.__version__}"
+
+
+@dataclass(frozen=True)
+class FakeResult:
+    """What the sweep reads of an EvalResult."""
+
+    metric: str
+    value: float
+    ci_low: float
+    ci_high: float
+    n: int
+
+    def outcomes(self) -> dict:
+        return {f"q{i}": int(i < round(self.value * self.n)) for i in range(self.n)}
+
+
+def fake_evaluate(calls: list):
+    """A stand-in for cap_lab.evaluation.evaluate whose value depends on the weights."""
+
+    def evaluate(lm, tasks, settings, **kwargs):
+        calls.append((tuple(tasks), settings.mode))
+        zeros = sum(float((p == 0).float().mean()) for p in lm.model.parameters()) / len(list(lm.model.parameters()))
+        out = {}
+        for t in tasks:
+            v = 1.0 + 10 * zeros if t == "wikitext2" else 0.5 - zeros / 2
+            out[t] = FakeResult("ppl" if t == "wikitext2" else "accuracy", v, v * 0.9, v * 1.1, 3)
+        return out
+
+    return evaluate

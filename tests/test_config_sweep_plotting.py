@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import matplotlib
 
@@ -14,37 +14,9 @@ import torch
 from cap_lab import plotting, sweep, tables
 from cap_lab.config import PROFILES, figures_dir, get_profile, load_profile_model
 from cap_lab.pruning import PruneConfig, prune_model
+from conftest import fake_evaluate
 
 TINY = get_profile("tiny")
-
-
-@dataclass(frozen=True)
-class FakeResult:
-    """What the sweep reads of an EvalResult."""
-
-    metric: str
-    value: float
-    ci_low: float
-    ci_high: float
-    n: int
-
-    def outcomes(self) -> dict:
-        return {f"q{i}": int(i < round(self.value * self.n)) for i in range(self.n)}
-
-
-def fake_evaluate(calls: list):
-    """A stand-in for cap_lab.evaluation.evaluate whose value depends on the weights."""
-
-    def evaluate(lm, tasks, settings, **kwargs):
-        calls.append((tuple(tasks), settings.mode))
-        zeros = sum(float((p == 0).float().mean()) for p in lm.model.parameters()) / len(list(lm.model.parameters()))
-        out = {}
-        for t in tasks:
-            v = 1.0 + 10 * zeros if t == "wikitext2" else 0.5 - zeros / 2
-            out[t] = FakeResult("ppl" if t == "wikitext2" else "accuracy", v, v * 0.9, v * 1.1, 3)
-        return out
-
-    return evaluate
 
 
 # ------------------------------------------------------------------ config
