@@ -21,6 +21,22 @@ half the budget (its tail is cut) and the prompt is cut from the left.
 The loss of a subset is the token-level mean cross-entropy over all target tokens of the
 subset (paper Eq. 1: "token-level cross-entropy"); per-example sums and counts are kept so
 other aggregations need no new forward pass.
+
+WikiText-2 calibration (``source="wikitext2"``, the ablation of paper Sec. 6, "Effect of
+reasoning-focused calibration": CAP calibrated on WikiText-2 samples of comparable size): the
+same number of items, ``len(tasks) * n_per_task``, each a window of ``max_length`` tokens of the
+WikiText-2 raw test split (the only WikiText-2 split in a data dir), tokenized once as the
+perplexity evaluation tokenizes it (:func:`cap_lab.data.tokenize_corpus`).
+Every token but the first is a target (``target_start = 1``: the first only conditions). The
+candidate windows tile the corpus backwards from its END without overlap, and only tokens at
+or after :data:`WIKITEXT2_EVAL_TOKENS` are used: perplexity evaluates the first
+``ppl_windows * ppl_seqlen`` tokens, at most 100 x 2048 = 204,800 (the paper's protocol,
+``EvalSettings``' default and the largest of any profile), so calibration and evaluation never
+share a token (an ``assert`` checks every window; an evaluation of *every* window, ``ppl_windows
+= None``, does overlap). A seeded random sample of the candidates, in random order, is dealt
+into the K subsets in turn; ``draw`` 0/1 samples only the even/odd candidates. Each item's
+``example`` is an :class:`~cap_lab.data.Example` with task ``wikitext2`` and uid
+``wikitext2-<first token>``; its quartile is 0. The set's ``style`` is ``plain`` (no template).
 """
 from __future__ import annotations
 
@@ -32,11 +48,15 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from cap_lab.data import TASKS, Example, calibration_pool
+from cap_lab.data import TASKS, Example, calibration_pool, load_wikitext2_test, tokenize_corpus
 
 #: the seed of the fixed split of every pool into the halves that ``draw`` 0 and 1 sample from
 DRAW_SPLIT_SEED = 20260507
 N_DRAWS = 2
+CALIBRATION_SOURCES = ("reasoning", "wikitext2")
+#: WikiText-2 calibration windows start at or after this token of the test split; perplexity
+#: evaluates at most the first 100 x 2048 tokens (the paper's protocol, EvalSettings' default)
+WIKITEXT2_EVAL_TOKENS = 100 * 2048
 from cap_lab.prompts import (
     FORMAT_VERSION, TargetFormat, calibration_target, calibration_user_text, encode_continuation,
     encode_prompt, resolve_style,
@@ -57,6 +77,8 @@ class CalibrationConfig:
         target: the target text format.
         draw: ``None`` (whole pool, the default) or 0/1: sample only from that half of each
             task's pool, so two draws never share an example (see the module docstring).
+        source: ``reasoning`` (the paper's tasks) or ``wikitext2``: ``len(tasks) * n_per_task``
+            windows of ``max_length`` WikiText-2 tokens (Sec. 6 ablation; module docstring).
     """
 
     tasks: tuple[str, ...] = TASKS
@@ -67,6 +89,7 @@ class CalibrationConfig:
     prompt_style: str = "auto"
     target: TargetFormat = field(default_factory=TargetFormat)
     draw: int | None = None
+    source: str = "reasoning"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tasks", tuple(self.tasks))
@@ -84,12 +107,16 @@ class CalibrationConfig:
             raise ValueError(f"max_length={self.max_length}; must be >= 8")
         if self.draw is not None and (type(self.draw) is not int or not 0 <= self.draw < N_DRAWS):
             raise ValueError(f"draw={self.draw!r}; allowed: None (whole pool) or 0..{N_DRAWS - 1}")
+        if self.source not in CALIBRATION_SOURCES:
+            raise ValueError(f"source={self.source!r}; allowed: {', '.join(CALIBRATION_SOURCES)}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["tasks"] = list(self.tasks)
         if d["draw"] is None:  # the whole pool: the same key as before draws existed
             del d["draw"]
+        if d["source"] == "reasoning":  # the paper's source: the same key as before sources existed
+            del d["source"]
         d["format_version"] = FORMAT_VERSION
         return d
 
@@ -238,8 +265,11 @@ def build_calibration_set(tokenizer, config: CalibrationConfig = CalibrationConf
         data_dir: data folder (else ``$CAP_LAB_DATA``, else the hub).
 
     Returns:
-        A :class:`CalibrationSet` of ``len(tasks) * n_per_task`` items in K subsets.
+        A :class:`CalibrationSet` of ``len(tasks) * n_per_task`` items in K subsets (reasoning
+        examples, or WikiText-2 windows with ``source="wikitext2"``).
     """
+    if config.source == "wikitext2":
+        return CalibrationSet(config, "plain", wikitext2_items(tokenizer, config, data_dir), int(tokenizer.pad_token_id))
     style = resolve_style(tokenizer, config.prompt_style)
     items: list[CalibrationItem] = []
     for t_index, task in enumerate(config.tasks):
@@ -255,3 +285,27 @@ def build_calibration_set(tokenizer, config: CalibrationConfig = CalibrationConf
             subset = (j + t_index) % config.n_subsets  # rotate so subset sizes stay balanced
             items.append(CalibrationItem(example, quartile, subset, tuple(prompt + target), len(prompt)))
     return CalibrationSet(config, style, tuple(items), int(tokenizer.pad_token_id))
+
+
+def wikitext2_items(tokenizer, config: CalibrationConfig, data_dir=None) -> tuple[CalibrationItem, ...]:
+    """``len(tasks) * n_per_task`` WikiText-2 windows of ``max_length`` tokens (see the module docstring).
+
+    Raises:
+        ValueError: the corpus after :data:`WIKITEXT2_EVAL_TOKENS` holds too few windows (says how many fit).
+    """
+    ids = tokenize_corpus(tokenizer, load_wikitext2_test(data_dir))  # (N,)
+    length, n = config.max_length, len(config.tasks) * config.n_per_task
+    starts = list(range(ids.numel() - length, WIKITEXT2_EVAL_TOKENS - 1, -length))  # from the end, backwards
+    if config.draw is not None:
+        starts = starts[config.draw::N_DRAWS]
+    if n > len(starts):
+        raise ValueError(f"WikiText-2 calibration needs {n} windows of max_length={length} tokens, but only "
+                         f"{len(starts)} fit in tokens {WIKITEXT2_EVAL_TOKENS:,}..{ids.numel():,} of the test split "
+                         f"(the tokens before are perplexity's); lower max_length or n_per_task")
+    chosen = random.Random(f"{config.seed}:wikitext2").sample(starts, n)  # seeded, in random order
+    items = []
+    for j, start in enumerate(chosen):
+        assert start >= WIKITEXT2_EVAL_TOKENS and start + length <= ids.numel(), (start, length)
+        example = Example("wikitext2", f"wikitext2-{start}", question="", gold="")
+        items.append(CalibrationItem(example, 0, j % config.n_subsets, tuple(ids[start:start + length].tolist()), 1))
+    return tuple(items)

@@ -30,6 +30,7 @@ import json
 import os
 import random
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,6 +207,24 @@ def load_wikitext2_test(data_dir: str | os.PathLike | None = None) -> str:
         raw = _data_file(root, "wikitext2", "test").read_text(encoding="utf-8")
         rows = [line if line.strip() else "" for line in raw.splitlines(keepends=True)]
     return "\n\n".join(rows)
+
+
+def tokenize_corpus(tokenizer, text: str) -> "torch.Tensor":
+    """(N,) ids of the whole corpus, tokenized once (special tokens as the tokenizer adds them).
+
+    Used by WikiText-2 perplexity (:mod:`cap_lab.evaluation.perplexity`) and WikiText-2 calibration
+    (:mod:`cap_lab.calibration`), so both see the same token positions.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sequence length is longer than the maximum"
+        previous = getattr(tokenizer, "model_max_length", None)
+        try:
+            tokenizer.model_max_length = int(1e30)
+            ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+        finally:
+            if previous is not None:
+                tokenizer.model_max_length = previous
+    return ids
 
 
 def _normalized(text: str) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from cap_lab.calibration import CalibrationConfig
+from cap_lab.calibration import CALIBRATION_SOURCES, CalibrationConfig
 from cap_lab.cli.checks import DTYPES, device, int_at_least, task_list
 from cap_lab.data import TASKS
 from cap_lab.models import DEFAULT_MODEL, load_model
@@ -46,6 +46,9 @@ def add_calibration_args(p: argparse.ArgumentParser) -> None:
     add_prompt_style_arg(p)
     p.add_argument("--gsm8k-final", choices=GSM8K_FINALS, default="hashes",
                    help="hashes (#### n) or answer_line (Answer: n)")
+    p.add_argument("--calib-source", choices=CALIBRATION_SOURCES, default="reasoning",
+                   help="calibration data: reasoning (the paper's tasks) or wikitext2 (as many windows of --max-length "
+                        "WikiText-2 test tokens, after the ones perplexity evaluates; paper Sec. 6 ablation)")
     add_data_dir_arg(p)
     p.add_argument("--batch-size", type=int_at_least(1), default=8, help="calibration items per forward")
 
@@ -54,4 +57,5 @@ def calibration_config_from_args(args) -> CalibrationConfig:
     return CalibrationConfig(
         tasks=args.calib_tasks, n_per_task=args.calib_per_task, n_subsets=args.subsets, seed=args.seed,
         max_length=args.max_length, prompt_style=args.prompt_style, target=TargetFormat(gsm8k_final=args.gsm8k_final),
+        source=args.calib_source,
     )

@@ -1,7 +1,8 @@
 """WikiText-2 perplexity, the protocol of Wanda and SparseGPT (paper Sec. 3.4, Table 1).
 
 1. The raw test split joined with ``"\\n\\n"`` (:func:`cap_lab.data.load_wikitext2_test`) is
-   tokenized once, with the tokenizer's default special tokens (as those scripts do).
+   tokenized once, with the tokenizer's default special tokens (as those scripts do;
+   :func:`cap_lab.data.tokenize_corpus`).
 2. The ids are cut into non-overlapping windows of ``seqlen`` tokens (default 2048, capped by
    the model's context); the incomplete tail is dropped; the first ``n_windows`` are kept
    (the paper: 100 windows, about 204k tokens).
@@ -21,13 +22,12 @@ import hashlib
 import math
 import statistics
 import time
-import warnings
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cap_lab.data import load_wikitext2_test
+from cap_lab.data import load_wikitext2_test, tokenize_corpus
 from cap_lab.modeling import decoder_forward, get_layout, model_device, token_logprobs
 from cap_lab.evaluation.results import EVAL_VERSION, EvalResult, cached_run, describe_model
 from cap_lab.evaluation.settings import EvalSettings
@@ -85,20 +85,6 @@ def perplexity_from_nll(window_sums: torch.Tensor, predictions_per_window: int) 
 def context_length(model: nn.Module) -> int | None:
     """The model's maximum context from its config, if it states one."""
     return getattr(model.config, "max_position_embeddings", None)
-
-
-def tokenize_corpus(tokenizer, text: str) -> torch.Tensor:
-    """(N,) ids of the whole corpus, tokenized once (special tokens as the tokenizer adds them)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "sequence length is longer than the maximum"
-        previous = getattr(tokenizer, "model_max_length", None)
-        try:
-            tokenizer.model_max_length = int(1e30)
-            ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
-        finally:
-            if previous is not None:
-                tokenizer.model_max_length = previous
-    return ids
 
 
 def wikitext2_perplexity(lm, settings: EvalSettings = EvalSettings(), *, data_dir=None, out_dir=None,
