@@ -22,7 +22,9 @@ CAP variants (``PruneConfig`` fields; their defaults are the paper's CAP, bit fo
 of :mod:`cap_lab.scoring.neurons`) instead of the layer's mean head factor; ``cap_activation``:
 the score ``|W_ij| * ||X_j||_2 * I`` (Wanda's statistic, X from one forward of the *dense* model
 over the calibration set, :func:`~cap_lab.sparsity_allocation.input_sq_sums`); ``cap_scope=
-"layer"``: every decoder layer pruned to the target with its own threshold on the CAP score.
+"layer"``: every decoder layer pruned to the target with its own threshold on the CAP score. Method
+``cap_heads`` (Sec. 6, :mod:`cap_lab.head_pruning`) removes whole query heads, lowest causal score first,
+until the q/o weights reach the target (k/v rows of fully removed GQA groups; MLP as CAP, exactly s).
 
 Baselines, on the same calibration inputs and the same linear layers:
 
@@ -44,7 +46,7 @@ Baselines, on the same calibration inputs and the same linear layers:
   already zero (a de-quantized checkpoint has some) are chosen first, so the achieved
   sparsity is the target, not the target plus the checkpoint's own zeros.
 
-Options of every method: ``nm=(N, M)``, N:M sparsity by the method's own score (exactly
+Options of every method (but ``cap_heads``): ``nm=(N, M)``, N:M sparsity by the method's own score (exactly
 (M - N) / M, :mod:`cap_lab.selection`); ``owl``, OWL's per-layer sparsities s_l
 (:mod:`cap_lab.sparsity_allocation`), each layer pruned to s_l as the method prunes a model (one
 threshold per layer for CAP and global magnitude).
@@ -67,6 +69,7 @@ from torch import nn
 
 from cap_lab.calibration import CalibrationSet
 from cap_lab.cap_scores import KV_REDUCE, MLP_FACTORS, cap_score_fn, neuron_importance_factors
+from cap_lab.head_pruning import HEAD_METHOD, check_head_pruning_options, head_pruning_masks
 from cap_lab.modeling import ModelLayout, get_layout, onload_layers
 from cap_lab.selection import ScoreFn, check_nm_shapes, nm_and_sparsity, select_masks
 from cap_lab.sequential import prune_layers_sequentially
@@ -76,7 +79,7 @@ from cap_lab.sparsity_allocation import (
 )
 from cap_lab.wanda import InputNormStatistics, wanda_row_mask
 
-PRUNE_METHODS = ("cap", "wanda", "magnitude", "random", "sparsegpt")
+PRUNE_METHODS = ("cap", "wanda", "magnitude", "random", "sparsegpt", HEAD_METHOD)
 SEQUENTIAL_METHODS = ("wanda", "sparsegpt")
 MAGNITUDE_SCOPES = ("global", "layer")
 CAP_SCOPES = ("global", "layer")
@@ -88,7 +91,7 @@ class PruneConfig:
     """What to prune and how.
 
     Attributes:
-        method: ``cap``, ``wanda``, ``magnitude``, ``random`` or ``sparsegpt``.
+        method: ``cap``, ``wanda``, ``magnitude``, ``random``, ``sparsegpt`` or ``cap_heads`` (whole heads).
         sparsity: target fraction of prunable weights set to zero, in [0, 1); ``None``: 0.2, or
             with ``nm`` exactly (M - N) / M (a given sparsity must equal it).
         kv_reduce: how k/v rows shared by several query heads get their factor (``mean``/``max``).
@@ -145,6 +148,8 @@ class PruneConfig:
             raise ValueError(f"sparsegpt_block_size={self.sparsegpt_block_size!r}; must be an integer >= 1")
         if not 0.0 <= float(self.sparsegpt_damping) < 1.0:
             raise ValueError(f"sparsegpt_damping={self.sparsegpt_damping!r} is outside [0, 1)")
+        if self.method == HEAD_METHOD:
+            check_head_pruning_options(nm, self.owl)
         if self.method == "sparsegpt" and nm is not None:
             check_nm_blocks(self.sparsegpt_block_size, nm)
         self._check_cap_variants()
@@ -263,6 +268,7 @@ class PruneResult:
         threshold: the global threshold (global-threshold methods), else ``None``.
         report: per-matrix sparsity (see :func:`sparsity_report`).
         allocation: OWL's outlier ratios and per-layer sparsities (``owl``), else ``None``.
+        removed_heads: (L, H) bool, the heads ``cap_heads`` removed, else ``None``.
     """
 
     config: PruneConfig
@@ -273,11 +279,13 @@ class PruneResult:
     threshold: float | None
     report: pd.DataFrame
     allocation: OWLAllocation | None = None
+    removed_heads: torch.Tensor | None = None
 
     def summary(self) -> dict:
+        heads = {} if self.removed_heads is None else {"removed_heads": self.removed_heads.int().tolist()}
         return dict(asdict(self.config), target_sparsity=self.target_sparsity, achieved_sparsity=self.achieved_sparsity,
                     selected=self.selected, total=self.total, threshold=self.threshold,
-                    owl_allocation=self.allocation.to_dict() if self.allocation else None)
+                    owl_allocation=self.allocation.to_dict() if self.allocation else None, **heads)
 
 
 def prune_model(model: nn.Module, config: PruneConfig, *, head_scores: torch.Tensor | None = None,
@@ -289,16 +297,15 @@ def prune_model(model: nn.Module, config: PruneConfig, *, head_scores: torch.Ten
     Args:
         model: a supported causal LM (changed in place).
         config: method and target.
-        head_scores: (L, H) causal scores, required by ``cap``.
+        head_scores: (L, H) causal scores, required by ``cap`` and ``cap_heads``.
         calib: calibration set, required by ``wanda``, ``sparsegpt``, ``owl`` and ``cap_activation``.
         batch_size: calibration items per forward (``wanda``, ``sparsegpt``).
         progress: progress bar (their layer loop).
-        execution_device: for a model larger than the accelerator: keep it on the CPU and
-            give the accelerator here; ``wanda`` and ``sparsegpt`` then run with one decoder layer at a time on
-            it (:func:`cap_lab.modeling.offload.onload_layers`) and leaves every weight where
-            it was. An execution detail, not a setting, so not part of :class:`PruneConfig`:
-            the masks are the same either way. ``cap``, ``magnitude`` and ``random`` run no
-            forward (they score each matrix where it lies), except OWL's and
+        execution_device: for a model larger than the accelerator: keep it on the CPU and give the accelerator
+            here; ``wanda`` and ``sparsegpt`` then run with one decoder layer at a time on it
+            (:func:`cap_lab.modeling.offload.onload_layers`) and leave every weight where it was. An execution
+            detail, not a setting, so not part of :class:`PruneConfig`: the masks are the same either way. The
+            other methods run no forward (they score each matrix where it lies), except OWL's and
             ``cap_activation``'s measuring pass.
         neuron_scores: one (I,) tensor of causal MLP-neuron scores per decoder layer (or an (L, I)
             tensor; :func:`cap_lab.scoring.neurons.score_neurons_attribution`), required by
@@ -318,22 +325,25 @@ def prune_model(model: nn.Module, config: PruneConfig, *, head_scores: torch.Ten
     if neuron_scores is not None and config.cap_mlp_factors != "neuron":
         raise ValueError(f"neuron_scores are used by method 'cap' with cap_mlp_factors='neuron' only, not "
                          f"method={config.method!r}, cap_mlp_factors={config.cap_mlp_factors!r}")
-    if config.method == "cap":
+    if config.method in ("cap", HEAD_METHOD):  # they need (L, H) causal head scores
         if head_scores is None:
-            raise ValueError("method 'cap' needs head_scores (see cap_lab.scoring.head_scores)")
+            raise ValueError(f"method {config.method!r} needs head_scores (see cap_lab.scoring.head_scores)")
         if tuple(head_scores.shape) != (layout.num_layers, layout.num_heads):
             raise ValueError(f"head_scores shape {tuple(head_scores.shape)}; expected ({layout.num_layers}, {layout.num_heads})")
         if config.cap_mlp_factors == "neuron" and neuron_scores is None:
             raise ValueError("cap_mlp_factors='neuron' needs neuron_scores (see cap_lab.scoring.neurons)")
         widths = [m.in_features for _, n, m in targets if n == "down_proj"]  # (L,) intermediate sizes
-        neuron_factors = (neuron_importance_factors(neuron_scores, layout, widths)
-                          if config.cap_mlp_factors == "neuron" else None)  # (L, I)
+        neuron_factors = (neuron_importance_factors(neuron_scores, layout, widths)  # (L, I)
+                          if config.cap_mlp_factors == "neuron" else None)
     allocation = (owl_allocation(model, layout, calib, config.sparsity, config.owl_lambda, config.owl_m, batch_size,
                                  execution_device) if config.owl else None)
     shares = allocation.layer_sparsity.tolist() if allocation else None
-    threshold = None
+    threshold, removed = None, None
     if config.method in SEQUENTIAL_METHODS:
         selected = sequential_prune(model, layout, calib, config, batch_size, progress, execution_device, shares)
+    elif config.method == HEAD_METHOD:
+        masks, threshold, removed = head_pruning_masks(head_scores, layout, targets, config.sparsity, config.tolerance)
+        selected = apply_pruning_masks(masks)
     else:
         if config.method == "cap":
             sq_sums = (input_sq_sums(model, layout, calib, batch_size, execution_device)
@@ -349,7 +359,7 @@ def prune_model(model: nn.Module, config: PruneConfig, *, head_scores: torch.Ten
         selected = apply_pruning_masks(masks)
     report = sparsity_report(model, layout)
     achieved = float(report["zeros"].sum() / report["numel"].sum())
-    return PruneResult(config, float(config.sparsity), achieved, selected, total, threshold, report, allocation)
+    return PruneResult(config, float(config.sparsity), achieved, selected, total, threshold, report, allocation, removed)
 
 
 def sparsity_report(model: nn.Module, layout: ModelLayout | None = None) -> pd.DataFrame:

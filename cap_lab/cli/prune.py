@@ -22,6 +22,12 @@ factor, from neuron scores computed here on the calibration set
 ``cap_lab.json``); ``--cap-activation`` scores ``|W_ij| * ||X_j||_2 * I`` with input norms from
 the dense model on the calibration set; ``--cap-scope layer`` prunes every decoder layer to
 ``--sparsity`` with its own threshold instead of one global threshold.
+
+``--method cap_heads`` removes whole heads by their causal scores (:mod:`cap_lab.head_pruning`,
+paper Sec. 6); it prints the heads it removed and the achieved sparsity, which is close to but
+not exactly ``--sparsity``. ``--calib-source wikitext2`` calibrates on WikiText-2 windows instead
+of the reasoning tasks (:mod:`cap_lab.calibration`, paper Sec. 6), for the scores and every
+method that uses the calibration set.
 """
 from __future__ import annotations
 
@@ -83,7 +89,7 @@ def add_parser(sub) -> None:
     p.add_argument("--sparsegpt-damping", type=fraction, default=0.01,
                    help="sparsegpt: fraction of the mean Hessian diagonal added to it (paper: 0.01)")
     p.add_argument("--scores", default=None,
-                   help="scores JSON from `cap-lab score` on the same model (--method cap; else scored/cached here, "
+                   help="scores JSON from `cap-lab score` on the same model (--method cap, cap_heads; else scored/cached here, "
                         "and the calibration flags are unused)")
     p.add_argument("--out", required=True, help="output folder for the pruned checkpoint (a new folder)")
     p.add_argument("--overwrite", action="store_true",
@@ -102,15 +108,17 @@ def run(args) -> int:
                          sparsegpt_block_size=args.sparsegpt_block_size, sparsegpt_damping=args.sparsegpt_damping,
                          nm=args.nm, owl=args.owl, owl_lambda=args.owl_lambda, owl_m=args.owl_m,
                          cap_mlp_factors=args.cap_mlp_factors, cap_activation=args.cap_activation, cap_scope=args.cap_scope)
-    if args.scores and config.method != "cap":
-        print(f"cap-lab: warning: --scores is used by --method cap only; {config.method} ignores it", file=sys.stderr)
+    if args.scores and config.method not in ("cap", "cap_heads"):
+        print(f"cap-lab: warning: --scores is used by --method cap and cap_heads only; {config.method} ignores it",
+              file=sys.stderr)
     if args.execution_device and config.method not in SEQUENTIAL and not config.owl and not config.cap_activation:
         print(f"cap-lab: warning: --execution-device is used by --method wanda and sparsegpt (and --owl, "
               f"--cap-activation) only; {config.method} runs no forward pass", file=sys.stderr)
     calib_config = calibration_config_from_args(args)
     out = check_output_folder(args.out, args.overwrite)  # every check before the slow load
-    scores_file = read_scores_json(args.scores) if args.scores and config.method == "cap" else None
-    needs_calib = (config.method in SEQUENTIAL or config.owl or (config.method == "cap" and scores_file is None)
+    scored = config.method in ("cap", "cap_heads")  # methods that use head scores
+    scores_file = read_scores_json(args.scores) if args.scores and scored else None
+    needs_calib = (config.method in SEQUENTIAL or config.owl or (scored and scores_file is None)
                    or config.cap_activation or config.cap_mlp_factors == "neuron")
     if needs_calib:
         check_data_source(args.data_dir)
@@ -127,7 +135,7 @@ def run(args) -> int:
         calib = build_calibration_set(lm.tokenizer, calib_config, args.data_dir)
     if scores_file is not None:
         scores, provenance = scores_file.scores, dict(scores_file.provenance, model=scores_file.model)
-    elif config.method == "cap":
+    elif scored:
         result = head_scores(lm, calib, batch_size=args.batch_size)
         scores, provenance = result.scores, dict(score_provenance(result, calib), model=source_identity)
     neurons, neuron_provenance = None, None
@@ -148,6 +156,10 @@ def run(args) -> int:
         if broken:  # an internal error, never a user's: refuse to save a checkpoint that is not N:M
             raise RuntimeError(f"{broken} of {len(matrices)} matrices break the {n}:{m} pattern")
         print(f"{n}:{m} pattern: at most {n} non-zeros in every group of {m} inputs, in all {len(matrices)} matrices")
+    if result.removed_heads is not None:
+        removed = result.removed_heads.nonzero().tolist()
+        print(f"cap_heads: removed {len(removed)} of {result.removed_heads.numel()} heads: "
+              f"{' '.join(f'L{l}H{h}' for l, h in removed) or 'none'}")
     if result.allocation is not None:
         shares = result.allocation.layer_sparsity
         print(f"owl: layer sparsities {float(shares.min()):.4f}..{float(shares.max()):.4f} (lambda {config.owl_lambda:g}, "
