@@ -89,8 +89,9 @@ def add_parser(sub) -> None:
     p.add_argument("--sparsegpt-damping", type=fraction, default=0.01,
                    help="sparsegpt: fraction of the mean Hessian diagonal added to it (paper: 0.01)")
     p.add_argument("--scores", default=None,
-                   help="scores JSON from `cap-lab score` on the same model (--method cap, cap_heads; else scored/cached here, "
-                        "and the calibration flags are unused)")
+                   help="scores JSON from `cap-lab score` on the same model (--method cap, cap_heads; else scored/cached "
+                        "here). The calibration flags still choose the set of wanda, sparsegpt, --owl, --cap-activation "
+                        "and --cap-mlp-factors neuron")
     p.add_argument("--out", required=True, help="output folder for the pruned checkpoint (a new folder)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out if it is a checkpoint written by cap_lab (never any other folder)")
@@ -112,8 +113,10 @@ def run(args) -> int:
         print(f"cap-lab: warning: --scores is used by --method cap and cap_heads only; {config.method} ignores it",
               file=sys.stderr)
     if args.execution_device and config.method not in SEQUENTIAL and not config.owl and not config.cap_activation:
+        what = ("neuron scoring runs where --device put the model" if config.cap_mlp_factors == "neuron"
+                else f"{config.method} runs no forward pass")
         print(f"cap-lab: warning: --execution-device is used by --method wanda and sparsegpt (and --owl, "
-              f"--cap-activation) only; {config.method} runs no forward pass", file=sys.stderr)
+              f"--cap-activation) only; {what}", file=sys.stderr)
     calib_config = calibration_config_from_args(args)
     out = check_output_folder(args.out, args.overwrite)  # every check before the slow load
     scored = config.method in ("cap", "cap_heads")  # methods that use head scores

@@ -110,7 +110,7 @@ def score_neurons_attribution(model: nn.Module, calib: CalibrationSet, *, aggreg
             objective = (sums * weight[items].to(sums.device)).sum()
             grads = torch.autograd.grad(objective, [acts[l] for l in range(layout.num_layers)])
             for layer, g in enumerate(grads):
-                per_item = -(g * acts[layer].detach()).sum(dim=1).double().cpu()  # (B, I)
+                per_item = -(g.double() * acts[layer].detach().double()).sum(dim=1).cpu()  # (B, I), float64 products
                 delta[:, layer].index_add_(0, subset[items], per_item)
             intact_sums[items] = sums.detach().cpu()
             del captured, acts, grads, objective
