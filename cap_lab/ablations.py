@@ -27,8 +27,9 @@ Each is run at the profile's ``ablation_sparsities`` (unstructured) and its N:M 
 and evaluated like Table 1 but without chain-of-thought: option log-likelihood accuracy on the
 profile's tasks and WikiText-2 perplexity, with per-example outcomes for paired comparisons
 (:func:`cap_lab.tables.paired_differences` with :func:`comparisons`). Cells are stored in the
-settings-keyed store beside the sweep's (``<results>/ablations``, :func:`cap_lab.sweep.results_root`),
-so an interrupted grid resumes at the first missing cell; head and neuron scores come from
+settings-keyed store (:func:`ablation_root`: the profile's committed ``ablation_results_dir``,
+else beside the sweep's cells), so an interrupted grid resumes at the first missing cell, on
+this machine or, once the entries are committed, another; head and neuron scores come from
 their caches. A record's ``method`` is the variant's name, with `` 2:4`` for an N:M cell.
 """
 from __future__ import annotations
@@ -41,13 +42,20 @@ import torch
 
 from cap_lab import store
 from cap_lab.calibration import CalibrationSet, build_calibration_set
-from cap_lab.config import Profile
+from cap_lab.config import Profile, repo_root
 from cap_lab.pruning import PruneConfig, attention_sparsity_per_head, prune_model, sparsity_by, sparsity_report
 from cap_lab.scoring import head_scores
 from cap_lab.scoring.neurons import score_neurons_attribution
 from cap_lab.sweep import DENSE, SweepContext, SweepResult, evaluate_model, open_model, prune_config, results_root
 
 ABLATION_VERSION = "1"
+
+
+def ablation_root(profile: Profile):
+    """Folder of a profile's ablation cells (``<checkout>/<ablation_results_dir>`` or ``<results>/ablations``)."""
+    if profile.ablation_results_dir:
+        return repo_root() / profile.ablation_results_dir
+    return results_root(profile) / "ablations"
 
 
 @dataclass(frozen=True)
@@ -185,7 +193,7 @@ class AblationRunner:
 
     def run(self, cell: AblationCell, *, force: bool = False) -> dict:
         """Prune ``cell``, evaluate it, store and return its record; the model is dense again after."""
-        root = results_root(self.ctx.profile) / "ablations"
+        root = ablation_root(self.ctx.profile)
         payload = self.payload(cell)
         hit = None if force else store.load(root, payload)
         if hit is not None:

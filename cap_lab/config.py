@@ -120,6 +120,9 @@ class Profile:
         ablation_variants: the rows of notebook 06's grid (:data:`cap_lab.ablations.VARIANTS`).
         ablation_sparsities: their unstructured sparsities.
         ablation_nm: their N:M patterns, ``((N, M), ...)``.
+        ablation_results_dir: where the grid stores its cells, relative to the repository root
+            (committed, like ``results_dir``: the grid takes hours on a CPU and resumes on any
+            machine); ``None``: where the sweep stores its cells.
         figures_dir: where figures and tables go, relative to the repository root (``ci``
             and ``tiny`` write to the git-ignored ``executed/`` so the committed ``cpu``
             figures are never overwritten).
@@ -144,6 +147,7 @@ class Profile:
     ablation_variants: tuple[str, ...] = ALL_VARIANTS
     ablation_sparsities: tuple[float, ...] = TABLE1_SPARSITIES
     ablation_nm: tuple[tuple[int, int], ...] = ((2, 4),)
+    ablation_results_dir: str | None = None
     figures_dir: str = "figures"
     results_dir: str | None = None
     description: str = ""
@@ -186,6 +190,7 @@ class Profile:
             explorer_sparsities=list(self.explorer_sparsities), figures_dir=self.figures_dir,
             results_dir=self.results_dir, ablation_variants=list(self.ablation_variants),
             ablation_sparsities=list(self.ablation_sparsities), ablation_nm=[list(p) for p in self.ablation_nm],
+            ablation_results_dir=self.ablation_results_dir,
         )
 
 
@@ -233,6 +238,7 @@ PROFILES: dict[str, Profile] = {
             score_method="attribution",
             compare_scoring=("exact",),
             stability=(("exact", (3,)), ("attribution", (3, 8, 32, 128))),
+            ablation_results_dir="results/cpu-ablations",
             sparsities=TABLE1_SPARSITIES,
             eval=EvalPlan(cot_tasks=("gsm8k",), loglik_limit=40, cot_limit=8, cot_max_new_tokens=96, ppl_seqlen=512,
                               ppl_windows=4, batch_size=8),

@@ -66,6 +66,14 @@ def test_a_grid_prunes_evaluates_stores_and_restores(data_dir, monkeypatch):
     assert set(paired["a"]) == {"wanda", "cap-neuron 2:4", "cap-mean", "cap-k2"}
 
 
+def test_the_cpu_grid_is_committed_and_the_tiny_grid_is_cached():
+    cpu = get_profile("cpu")
+    assert ablations.ablation_root(cpu) == ablations.repo_root() / "results" / "cpu-ablations"
+    assert ablations.ablation_root(TINY) == sweep.cache_root() / "ablations"
+    assert cpu.ablation_variants == ALL_VARIANTS and cpu.ablation_sparsities == (0.1, 0.2, 0.5)
+    assert cpu.ablation_nm == ((2, 4),)
+
+
 def test_collapse_answer_asks_for_both_conditions():
     results = pd.DataFrame(dict(
         method=["wanda", "cap", "cap-x", "cap 2:4"], sparsity=[0.5, 0.5, 0.5, 0.5], mode=["ppl"] * 4,

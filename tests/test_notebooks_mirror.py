@@ -13,12 +13,13 @@ matplotlib.use("Agg")
 import pytest
 import torch
 
-from cap_lab import plotting, sweep, tables
+from cap_lab import ablation_plots, ablations, calibration, plotting, sweep, tables
 from cap_lab.calibration import build_calibration_set
 from cap_lab.config import get_profile, load_profile_model
 from cap_lab.scoring import head_scores
 from cap_lab.stability import stability_study
 from cap_lab.widgets import Explorer
+from conftest import write_data_dir
 
 pytestmark = pytest.mark.slow  # a second or more each; the notebooks they mirror run under nbval in CI too
 
@@ -110,3 +111,29 @@ def test_05_explorer(data_dir):
     ex.benchmark.value = "strategyqa"
     rows = ex.quick_evaluate()
     assert rows[0]["task"] == "strategyqa" and rows[0]["n"] == ex.quick_limit and "accuracy" in ex.result.value
+
+
+def test_06_ablations(tmp_path, figures, monkeypatch):
+    data_dir = write_data_dir(tmp_path / "data")  # with a WikiText-2 text long enough for cap-wikitext2's windows
+    (data_dir / "wikitext2_raw/wiki.test.raw").write_text("".join(f" Line {i} of the corpus has words . \n" for i in range(400)))
+    monkeypatch.setattr(calibration, "WIKITEXT2_EVAL_TOKENS", 0)
+    cells = ablations.ablation_cells(TINY)
+    grid = ablations.run_ablations(TINY, "tiny-llama", data_dir=data_dir, progress=False)
+    results, layers = grid.results(), grid.layer_sparsity()
+    assert set(results["method"]) == {c.method for c in cells} and set(results["mode"]) == {"loglik", "ppl"}
+    for r in grid.records:
+        if r["nm"]:
+            assert r["achieved_sparsity"] == 0.5, r["method"]  # 2 of every 4, exactly
+        elif r["variant"] not in ("dense", "cap-heads"):
+            assert abs(r["achieved_sparsity"] - r["sparsity"]) < 0.02, r["method"]
+    paired = tables.paired_differences(grid.records, n_resamples=200, comparisons=ablations.comparisons(cells))
+    assert set(paired["b"]) == {"wanda", "wanda 2:4", "dense"}
+    answer = ablations.collapse_answer(results, paired)
+    assert set(answer["variant"]) == {c.variant for c in cells if c.nm is None} - {"dense", "wanda"}
+    top = max(TINY.ablation_sparsities)
+    methods = [c.method for c in cells if c.nm is None and c.sparsity == top]
+    for name, fig in {"overview": ablation_plots.ablation_overview(results, model="tiny-llama", profile=TINY),
+                      "paired": ablation_plots.paired_vs_baseline(paired, model="tiny-llama", profile=TINY),
+                      "layers": plotting.layer_sparsity(layers, model="tiny-llama", sparsity=top, profile=TINY, methods=methods)}.items():
+        plotting.save_output(fig, f"06_{name}.png", profile=TINY)
+    assert len(plotting.read_manifest(figures)) == 3
