@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cap_lab.models import tiny_random_model
 
@@ -174,3 +175,16 @@ def fake_evaluate(calls: list):
         return out
 
     return evaluate
+
+
+def subset_mean_target_losses(model, calib) -> torch.Tensor:
+    """(K,) token-mean target CE per subset from full logits, the obvious way."""
+    total, count = torch.zeros(calib.config.n_subsets, dtype=torch.float64), torch.zeros(calib.config.n_subsets)
+    for batch in calib.batches(list(range(len(calib.items))), 9):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        labels = batch.labels[:, 1:]
+        ce = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none").sum(dim=1)
+        subset = torch.tensor([calib.items[i].subset for i in batch.items])
+        total = total.index_add(0, subset, ce.double())
+        count = count.index_add(0, subset, (labels != -100).sum(dim=1).float())
+    return total / count

@@ -3,7 +3,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from cap_lab.modeling import get_layout
 from cap_lab.scoring.attribution import score_heads_attribution
@@ -13,25 +12,12 @@ from cap_lab.modeling import mask_heads
 from cap_lab.pruning import PruneConfig, prune_model
 from cap_lab.scoring import compare_scores, head_scores
 
-from conftest import same_state, state_copy
+from conftest import same_state, state_copy, subset_mean_target_losses
 
 
 @pytest.fixture
 def calib(tiny, data_dir):
     return build_calibration_set(tiny.tokenizer, CalibrationConfig(n_per_task=3, n_subsets=3, max_length=32), data_dir)
-
-
-def _subset_losses(model, calib) -> torch.Tensor:
-    """(K,) token-mean target CE per subset from full logits, the obvious way."""
-    total, count = torch.zeros(calib.config.n_subsets, dtype=torch.float64), torch.zeros(calib.config.n_subsets)
-    for batch in calib.batches(list(range(len(calib.items))), 9):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-        labels = batch.labels[:, 1:]
-        ce = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none").sum(dim=1)
-        subset = torch.tensor([calib.items[i].subset for i in batch.items])
-        total = total.index_add(0, subset, ce.double())
-        count = count.index_add(0, subset, (labels != -100).sum(dim=1).float())
-    return total / count
 
 
 def test_attribution_is_minus_the_derivative_of_each_subset_loss_in_the_head_scale(tiny, calib):
@@ -40,14 +26,14 @@ def test_attribution_is_minus_the_derivative_of_each_subset_loss_in_the_head_sca
     for layer in (0, 2):
         alpha = torch.ones(4, requires_grad=True)
         with mask_heads(tiny.model, {layer: alpha}):
-            losses = _subset_losses(tiny.model, calib)  # (K,)
+            losses = subset_mean_target_losses(tiny.model, calib)  # (K,)
         want = torch.stack([-torch.autograd.grad(losses[k], alpha, retain_graph=True)[0] for k in range(3)])
         torch.testing.assert_close(got[:, layer], want, atol=3e-6, rtol=0)
     with torch.no_grad():  # and a finite difference of the true masked loss, for the sign convention
         moved = []
         for scale in (1.01, 0.99):
             with mask_heads(tiny.model, {2: torch.tensor([1.0, 1.0, 1.0, scale])}):
-                moved.append(_subset_losses(tiny.model, calib))
+                moved.append(subset_mean_target_losses(tiny.model, calib))
     torch.testing.assert_close(got[:, 2, 3].double(), -(moved[0] - moved[1]) / 0.02, atol=5e-4, rtol=1e-2)
     assert all(p.grad is None for p in tiny.model.parameters())
 

@@ -3,7 +3,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from cap_lab.calibration import CalibrationConfig, build_calibration_set
 from cap_lab.modeling import get_layout, mask_neurons
@@ -12,25 +11,12 @@ from cap_lab.scoring.neurons import (
 )
 from cap_lab.scoring.types import aggregate_scores
 
-from conftest import same_state, state_copy
+from conftest import same_state, state_copy, subset_mean_target_losses
 
 
 @pytest.fixture
 def calib(tiny, data_dir):
     return build_calibration_set(tiny.tokenizer, CalibrationConfig(n_per_task=3, n_subsets=3, max_length=32), data_dir)
-
-
-def _subset_losses(model, calib) -> torch.Tensor:
-    """(K,) token-mean target CE per subset from full logits, the obvious way."""
-    total, count = torch.zeros(calib.config.n_subsets, dtype=torch.float64), torch.zeros(calib.config.n_subsets)
-    for batch in calib.batches(list(range(len(calib.items))), 9):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-        labels = batch.labels[:, 1:]
-        ce = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none").sum(dim=1)
-        subset = torch.tensor([calib.items[i].subset for i in batch.items])
-        total = total.index_add(0, subset, ce.double())
-        count = count.index_add(0, subset, (labels != -100).sum(dim=1).float())
-    return total / count
 
 
 def test_attribution_is_minus_the_derivative_of_each_subset_loss_in_the_neuron_scale(tiny, calib, one_thread):
@@ -42,7 +28,7 @@ def test_attribution_is_minus_the_derivative_of_each_subset_loss_in_the_neuron_s
     for layer in (0, 2):
         alpha = torch.ones(48, requires_grad=True)
         with mask_neurons(tiny.model, {layer: alpha}):
-            losses = _subset_losses(tiny.model, calib)  # (K,)
+            losses = subset_mean_target_losses(tiny.model, calib)  # (K,)
         want = torch.stack([-torch.autograd.grad(losses[k], alpha, retain_graph=True)[0] for k in range(3)])
         torch.testing.assert_close(got[:, layer], want.float(), atol=3e-6, rtol=0)
     with torch.no_grad():  # a finite difference of the true loss, for the sign convention
@@ -51,7 +37,7 @@ def test_attribution_is_minus_the_derivative_of_each_subset_loss_in_the_neuron_s
             mask = torch.ones(48)
             mask[5] = scale
             with mask_neurons(tiny.model, {1: mask}):
-                moved.append(_subset_losses(tiny.model, calib))
+                moved.append(subset_mean_target_losses(tiny.model, calib))
     torch.testing.assert_close(got[:, 1, 5].double(), -(moved[0] - moved[1]) / 0.02, atol=5e-4, rtol=1e-2)
     assert all(p.grad is None for p in tiny.model.parameters())
 
@@ -72,13 +58,13 @@ def test_exact_ablation_equals_the_obvious_masked_forward(tiny, calib, one_threa
     neurons = torch.tensor([[0, 4], [0, 40], [1, 0], [2, 11], [2, 47]])
     masked, intact = neuron_ablation_losses(tiny.model, calib, neurons, batch_size=4, neurons_per_pass=2)
     assert masked.shape == (3, 5) and intact.shape == (3,)
-    torch.testing.assert_close(intact, _subset_losses(tiny.model, calib), atol=1e-6, rtol=0)
+    torch.testing.assert_close(intact, subset_mean_target_losses(tiny.model, calib), atol=1e-6, rtol=0)
     with torch.no_grad():
         for i, (layer, j) in enumerate(neurons.tolist()):
             mask = torch.ones(48)
             mask[j] = 0.0
             with mask_neurons(tiny.model, {layer: mask}):
-                torch.testing.assert_close(masked[:, i], _subset_losses(tiny.model, calib), atol=1e-6, rtol=0)
+                torch.testing.assert_close(masked[:, i], subset_mean_target_losses(tiny.model, calib), atol=1e-6, rtol=0)
 
 
 def test_the_estimate_ranks_sampled_neurons_like_exact_ablation(tiny, calib, one_thread):
