@@ -94,8 +94,8 @@ def score_heads_attribution(model: nn.Module, calib: CalibrationSet, *, aggregat
             objective = (sums * weight[items].to(sums.device)).sum()
             grads = torch.autograd.grad(objective, [z[l] for l in range(layout.num_layers)])
             for layer, g in enumerate(grads):
-                gz = (g * z[layer].detach()).view(rows, -1, layout.num_heads, layout.head_dim)  # (B, S, H, D)
-                estimate[items, layer] = -gz.sum(dim=(1, 3)).double().cpu()
+                gz = (g.double() * z[layer].detach().double()).view(rows, -1, layout.num_heads, layout.head_dim)  # (B, S, H, D)
+                estimate[items, layer] = -gz.sum(dim=(1, 3)).cpu()
             intact_sums[items] = sums.detach().cpu()
             del captured, z, grads, objective
     if world_size > 1:  # each item is non-zero on exactly one rank, so the sums are exact
