@@ -7,7 +7,8 @@ task, K subsets, seed, max length), the scoring method, the pruning methods and 
 * ``ci``: the real default model on the real data with the smallest settings that still
   exercise every code path (every notebook runs end to end in CI);
 * ``cpu``: the main job on a laptop-class CPU: the default model and ``gemma3-270m``, sized so
-  notebooks 01-04 finish in under 45 minutes on a 2-core machine. Log-likelihood accuracy and
+  notebooks 01-04 aim at 45 minutes on a 2-core machine (the 2026-12-03 run, on shared cores,
+  took 91: README). Log-likelihood accuracy and
   WikiText-2 perplexity carry the signal at this model size; CoT accuracy runs on a smaller
   limit;
 * ``cpu-full``: Table 1 at the largest size this CPU allows in a few hours: the whole
@@ -243,7 +244,7 @@ PROFILES: dict[str, Profile] = {
             eval=EvalPlan(cot_tasks=("gsm8k",), loglik_limit=40, cot_limit=8, cot_max_new_tokens=96, ppl_seqlen=512,
                               ppl_windows=4, batch_size=8),
             figures_dir="figures",
-            description="laptop-class CPU: default model + gemma3-270m, < 45 min for notebooks 01-04",
+            description="laptop-class CPU: default model + gemma3-270m, attribution scores of 128 per task",
         ),
         Profile(
             name="cpu-full",
