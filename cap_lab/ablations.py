@@ -43,10 +43,12 @@ import torch
 from cap_lab import store
 from cap_lab.calibration import CalibrationSet, build_calibration_set
 from cap_lab.config import Profile, repo_root
-from cap_lab.pruning import PruneConfig, attention_sparsity_per_head, prune_model, sparsity_by, sparsity_report
+from cap_lab.pruning import PruneConfig, prune_model, sparsity_report
 from cap_lab.scoring import head_scores
 from cap_lab.scoring.neurons import score_neurons_attribution
-from cap_lab.sweep import DENSE, SweepContext, SweepResult, evaluate_model, open_model, prune_config, results_root
+from cap_lab.sweep import (
+    DENSE, SweepContext, SweepResult, evaluate_model, open_model, prune_config, pruning_summary, results_root,
+)
 
 ABLATION_VERSION = "1"
 
@@ -138,7 +140,7 @@ def comparisons(cells: list[AblationCell]) -> list[tuple[str, str]]:
     """Each variant against Wanda at the same pattern and against dense (for paired tables)."""
     out = []
     for c in cells:
-        if c.variant in (DENSE,):
+        if c.variant == DENSE:
             continue
         wanda = AblationCell("wanda", c.sparsity, c.nm).method
         pairs = [(c.method, wanda)] if c.variant != "wanda" else []
@@ -208,13 +210,10 @@ class AblationRunner:
                             neuron_scores=self.neuron_scores() if cfg.cap_mlp_factors == "neuron" else None,
                             calib=ctx.calib, batch_size=ctx.profile.score_batch_size, progress=False)
             prune_seconds = time.perf_counter() - start
-            report = sparsity_report(ctx.lm.model)
+            summary = pruning_summary(ctx.lm.model, sparsity_report(ctx.lm.model))
             rows = evaluate_model(ctx.lm, ctx.profile, data_dir=ctx.data_dir, cot=())
             record = {"model": ctx.identity["name"], "method": cell.method, "variant": cell.variant,
-                      "sparsity": cell.sparsity, "nm": list(cell.nm) if cell.nm else None,
-                      "achieved_sparsity": float(report["zeros"].sum() / report["numel"].sum()),
-                      "by_layer": [float(x) for x in sparsity_by(report, "layer")["sparsity"]],
-                      "head_sparsity": attention_sparsity_per_head(ctx.lm.model).tolist(),
+                      "sparsity": cell.sparsity, "nm": list(cell.nm) if cell.nm else None, **summary,
                       "rows": rows, "prune_seconds": prune_seconds, "seconds": time.perf_counter() - start,
                       "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         finally:

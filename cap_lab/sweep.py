@@ -156,6 +156,16 @@ def _prune_payload(ctx: SweepContext, cell: SweepCell) -> dict:
     return dict(ctx.base_payload(), prune=None if cfg is None else {k: v for k, v in vars(cfg).items()})
 
 
+def pruning_summary(model: nn.Module, report: pd.DataFrame) -> dict:
+    """What pruning left: ``achieved_sparsity``, ``by_layer``, ``by_matrix`` and ``head_sparsity``
+    of ``model`` (``report``: its :func:`cap_lab.pruning.sparsity_report`)."""
+    by_layer, by_matrix = sparsity_by(report, "layer"), sparsity_by(report, "matrix")
+    return {"achieved_sparsity": float(report["zeros"].sum() / report["numel"].sum()),
+            "by_layer": [float(x) for x in by_layer["sparsity"]],
+            "by_matrix": {str(k): float(v) for k, v in zip(by_matrix["matrix"], by_matrix["sparsity"])},
+            "head_sparsity": attention_sparsity_per_head(model).tolist()}
+
+
 def prune_cell(ctx: SweepContext, cell: SweepCell, progress: bool = False) -> dict:
     """Restore the dense weights, prune ``cell`` in place and summarise what was removed.
 
@@ -176,15 +186,7 @@ def prune_cell(ctx: SweepContext, cell: SweepCell, progress: bool = False) -> di
         from cap_lab.pruning import sparsity_report
 
         report = sparsity_report(ctx.lm.model)
-    by_layer = sparsity_by(report, "layer")
-    by_matrix = sparsity_by(report, "matrix")
-    summary = {
-        "achieved_sparsity": float(report["zeros"].sum() / report["numel"].sum()),
-        "by_layer": [float(x) for x in by_layer["sparsity"]],
-        "by_matrix": {str(k): float(v) for k, v in zip(by_matrix["matrix"], by_matrix["sparsity"])},
-        "head_sparsity": attention_sparsity_per_head(ctx.lm.model).tolist(),
-        "prune_seconds": time.perf_counter() - start,
-    }
+    summary = dict(pruning_summary(ctx.lm.model, report), prune_seconds=time.perf_counter() - start)
     store.save(results_root(ctx.profile) / "prune", _prune_payload(ctx, cell), {"summary": summary})
     return summary
 
