@@ -14,6 +14,10 @@ aggregation its head scores come from:
                     (:mod:`cap_lab.scoring.neurons`) instead of the layer mean, beyond the paper
 ``cap-activation``  ``|W| * ||X|| * I``: Wanda's statistic times CAP's factor, beyond the paper
 ``cap-layer``       CAP's score with one threshold per layer instead of one global, beyond
+``cap-row``         CAP's score pruned per output row (Wanda's comparison group), beyond
+``cap-activation-row``  ``|W| * ||X|| * I`` per output row: Wanda's rule on the dense model's
+                    norms times CAP's factor, which separates what the factor does from what
+                    the budget allocation does, beyond the paper
 ``cap-heads``       whole heads removed by causal score (Sec. 6, "weight-level vs head-level")
 ``cap-wikitext2``   head scores calibrated on WikiText-2 windows (Sec. 6, "reasoning-focused
                     calibration")
@@ -23,7 +27,8 @@ aggregation its head scores come from:
 ==================  =========================================================================
 
 Each is run at the profile's ``ablation_sparsities`` (unstructured) and its N:M patterns
-(``ablation_nm``; not ``cap-layer`` and ``cap-heads``, whose budgets an N:M pattern replaces),
+(``ablation_nm``; not the per-layer, per-row and head-level rows, whose budgets an N:M pattern
+replaces),
 and evaluated like Table 1 but without chain-of-thought: option log-likelihood accuracy on the
 profile's tasks and WikiText-2 perplexity, with per-example outcomes for paired comparisons
 (:func:`cap_lab.tables.paired_differences` with :func:`comparisons`). Cells are stored in the
@@ -86,7 +91,7 @@ class Variant:
 
     @property
     def allows_nm(self) -> bool:
-        return self.method != "cap_heads" and ("cap_scope", "layer") not in self.prune
+        return self.method != "cap_heads" and dict(self.prune).get("cap_scope", "global") == "global"
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
@@ -97,6 +102,9 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("cap-neuron", "cap", prune=(("cap_mlp_factors", "neuron"),), origin="MLP-neuron attribution: beyond the paper (its Sec. 7)"),
     Variant("cap-activation", "cap", prune=(("cap_activation", True),), origin="|W| ||X|| I: beyond the paper"),
     Variant("cap-layer", "cap", prune=(("cap_scope", "layer"),), origin="per-layer budget: beyond the paper"),
+    Variant("cap-row", "cap", prune=(("cap_scope", "row"),), origin="per-row budget: beyond the paper"),
+    Variant("cap-activation-row", "cap", prune=(("cap_activation", True), ("cap_scope", "row")),
+            origin="|W| ||X|| I per row: beyond the paper"),
     Variant("cap-heads", "cap_heads", origin="head-level pruning (Sec. 6)"),
     Variant("cap-wikitext2", "cap", calibration=(("source", "wikitext2"),), origin="WikiText-2 calibration (Sec. 6)"),
     Variant("cap-mean", "cap", aggregate="mean", origin="mean over subsets (Sec. 6)"),

@@ -48,8 +48,8 @@ TABLE1_METHODS = ("magnitude", "wanda", "cap")
 TABLE1_SPARSITIES = (0.1, 0.2, 0.5)
 TINY_PREFIX = "tiny-"  # "tiny-llama", "tiny-gemma3": seeded random test models
 #: notebook 06's rows (defined in cap_lab.ablations.VARIANTS, which checks these names)
-ALL_VARIANTS = ("magnitude", "wanda", "sparsegpt", "cap", "cap-neuron", "cap-activation", "cap-layer", "cap-heads",
-                "cap-wikitext2", "cap-mean", "cap-k2", "cap-k5")
+ALL_VARIANTS = ("magnitude", "wanda", "sparsegpt", "cap", "cap-neuron", "cap-activation", "cap-layer", "cap-row",
+                "cap-activation-row", "cap-heads", "cap-wikitext2", "cap-mean", "cap-k2", "cap-k5")
 #: the calibration of the ``cpu`` and ``cpu-full`` profiles' CAP, chosen by notebook 02's stability study
 CPU_CALIBRATION = CalibrationConfig(n_per_task=128, n_subsets=3, max_length=64, draw=0)
 

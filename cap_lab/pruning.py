@@ -82,7 +82,7 @@ from cap_lab.wanda import InputNormStatistics, wanda_row_mask
 PRUNE_METHODS = ("cap", "wanda", "magnitude", "random", "sparsegpt", HEAD_METHOD)
 SEQUENTIAL_METHODS = ("wanda", "sparsegpt")
 MAGNITUDE_SCOPES = ("global", "layer")
-CAP_SCOPES = ("global", "layer")
+CAP_SCOPES = ("global", "layer", "row")
 MATRIX_TYPES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 
 
@@ -109,8 +109,10 @@ class PruneConfig:
             needs ``neuron_scores``).
         cap_activation: ``cap``: score ``|W_ij| * ||X_j||_2 * I`` (X norms from one dense forward
             over the calibration set, so it needs one) instead of ``|W| * I``.
-        cap_scope: ``cap``: one ``global`` threshold, or one per ``layer`` (each decoder layer
-            pruned to ``sparsity``; with ``owl`` every layer has its own threshold anyway).
+        cap_scope: ``cap``: one ``global`` threshold, one per ``layer`` (each decoder layer
+            pruned to ``sparsity``; with ``owl`` every layer has its own threshold anyway), or
+            per output ``row`` (the lowest ``int(in * s)`` of every row of every matrix, Wanda's
+            comparison group; with ``owl``, s is the row's layer's sparsity).
     """
 
     method: str = "cap"
@@ -165,8 +167,8 @@ class PruneConfig:
         changed = [f"{k}={getattr(self, k)!r}" for k, v in defaults.items() if getattr(self, k) != v]
         if changed and self.method != "cap":
             raise ValueError(f"{', '.join(changed)}: a CAP variant, for method 'cap' only, not {self.method!r}")
-        if self.cap_scope == "layer" and self.nm is not None:
-            raise ValueError(f"cap_scope='layer' with nm={self.nm[0]}:{self.nm[1]}: an N:M pattern already prunes "
+        if self.cap_scope != "global" and self.nm is not None:
+            raise ValueError(f"cap_scope={self.cap_scope!r} with nm={self.nm[0]}:{self.nm[1]}: an N:M pattern already prunes "
                              f"every layer to (M - N) / M; choose one")
 
 
@@ -354,7 +356,8 @@ def prune_model(model: nn.Module, config: PruneConfig, *, head_scores: torch.Ten
         else:
             fn = random_score_fn(config.seed) if config.method == "random" else magnitude_score_fn
         per_matrix = config.method == "random" or (config.method == "magnitude" and config.magnitude_scope == "layer")
-        masks, threshold = select_masks(fn, targets, config.sparsity, scope="matrix" if per_matrix else "global",
+        scope = "matrix" if per_matrix else "row" if config.method == "cap" and config.cap_scope == "row" else "global"
+        masks, threshold = select_masks(fn, targets, config.sparsity, scope=scope,
                                         nm=config.nm, layer_sparsity=shares, tolerance=config.tolerance)
         selected = apply_pruning_masks(masks)
     report = sparsity_report(model, layout)

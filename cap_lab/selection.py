@@ -12,6 +12,8 @@ so no tensor of all scores is ever built.
 * :func:`per_matrix_masks`: the same sparsity in every matrix (or one per decoder layer);
 * :func:`per_layer_threshold_masks`: one threshold per decoder layer, each pruning exactly its
   layer's share (a per-layer sparsity from :mod:`cap_lab.sparsity_allocation`, e.g. OWL);
+* :func:`row_prune_mask` / :func:`per_row_masks`: the lowest ``int(in * s)`` scores of every
+  output row (Wanda's per-output comparison group, Sun et al. 2024, Sec. 3);
 * :func:`nm_prune_mask` / :func:`nm_masks`: N:M semi-structured sparsity (Mishra et al., 2021,
   "Accelerating Sparse Deep Neural Networks", the 2:4 pattern of NVIDIA Ampere sparse tensor
   cores; used for LLMs by SparseGPT, Frantar & Alistarh 2023, and Wanda, Sun et al. 2024, in
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 
 ScoreFn = Callable[[int, str, torch.Tensor], torch.Tensor]
+SELECTION_SCOPES = ("global", "matrix", "row")
 Target = tuple[int, str, nn.Linear]
 
 
@@ -154,6 +157,29 @@ def per_layer_threshold_masks(score_fn: ScoreFn, targets: list[Target], layer_sp
         yield from threshold_masks(score_fn, mine, lo, hi, extra)
 
 
+def row_prune_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """(out, in) scores -> (out, in) bool mask, True = prune: the lowest ``int(in * sparsity)``
+    of every row (a stable sort: among equal scores the earlier column goes first).
+
+    Example:
+        >>> row_prune_mask(torch.tensor([[4., 1., 3., 2.], [1., 2., 3., 4.]]), 0.5)
+        tensor([[False,  True, False,  True],
+                [ True,  True, False, False]])
+    """
+    k = int(score.shape[1] * sparsity)
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    if k:
+        mask.scatter_(1, torch.sort(score, dim=-1, stable=True).indices[:, :k], True)
+    return mask
+
+
+def per_row_masks(score_fn: ScoreFn, targets: list[Target],
+                  sparsity: float | Sequence[float]) -> Iterator[tuple[nn.Linear, torch.Tensor]]:
+    """:func:`row_prune_mask` of every matrix, at one sparsity or one per decoder layer."""
+    for l, n, m in targets:
+        yield m, row_prune_mask(score_fn(l, n, m.weight), _layer_share(sparsity, l))
+
+
 # ------------------------------------------------------------------ N:M semi-structured sparsity
 def check_nm(nm: tuple[int, int]) -> tuple[int, int]:
     """Validate an N:M pattern ``(n, m)``: keep n of every m, with integers 0 < n < m.
@@ -254,7 +280,8 @@ def select_masks(score_fn: ScoreFn, targets: list[Target], sparsity: float, *, s
         targets: the prunable matrices.
         sparsity: the target fraction (ignored when ``nm`` or ``layer_sparsity`` is given).
         scope: ``global`` (one threshold over all matrices; one per layer with
-            ``layer_sparsity``) or ``matrix`` (the same fraction of every matrix).
+            ``layer_sparsity``), ``matrix`` (the same fraction of every matrix) or ``row`` (the
+            same fraction of every output row, :func:`per_row_masks`).
         nm: an N:M pattern ``(n, m)``; overrides ``sparsity`` and ``scope``.
         layer_sparsity: (L,) one fraction per decoder layer (OWL), instead of ``sparsity``.
         tolerance: of the global threshold.
@@ -263,8 +290,8 @@ def select_masks(score_fn: ScoreFn, targets: list[Target], sparsity: float, *, s
         ``(masks, threshold)``: masks one matrix at a time; the global threshold, or ``None``
         when there is not exactly one.
     """
-    if scope not in ("global", "matrix"):
-        raise ValueError(f"scope={scope!r}; allowed: global, matrix")
+    if scope not in SELECTION_SCOPES:
+        raise ValueError(f"scope={scope!r}; allowed: {', '.join(SELECTION_SCOPES)}")
     if nm is not None:
         if layer_sparsity is not None:
             raise ValueError("nm and layer_sparsity together: an N:M pattern fixes every layer at (M - N) / M")
@@ -275,8 +302,12 @@ def select_masks(score_fn: ScoreFn, targets: list[Target], sparsity: float, *, s
             raise ValueError(f"{len(layer_sparsity)} layer sparsities for {layers[-1] + 1} decoder layers")
         if scope == "matrix":
             return per_matrix_masks(score_fn, targets, layer_sparsity), None
+        if scope == "row":
+            return per_row_masks(score_fn, targets, layer_sparsity), None
         return per_layer_threshold_masks(score_fn, targets, layer_sparsity, tolerance), None
     if scope == "matrix":
         return per_matrix_masks(score_fn, targets, sparsity), None
+    if scope == "row":
+        return per_row_masks(score_fn, targets, sparsity), None
     lo, hi, extra = global_threshold(score_fn, targets, sparsity, tolerance)
     return threshold_masks(score_fn, targets, lo, hi, extra), lo

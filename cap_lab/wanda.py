@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cap_lab.selection import nm_prune_mask
+from cap_lab.selection import nm_prune_mask, row_prune_mask
 
 
 def wanda_score(weight: torch.Tensor, input_norm_sq: torch.Tensor) -> torch.Tensor:
@@ -38,13 +38,7 @@ def wanda_row_mask(weight: torch.Tensor, input_norm_sq: torch.Tensor, sparsity: 
     (``sparsity`` is then unused).
     """
     metric = wanda_score(weight, input_norm_sq)
-    if nm is not None:
-        return nm_prune_mask(metric, *nm)
-    k = int(weight.shape[1] * sparsity)
-    mask = torch.zeros_like(metric, dtype=torch.bool)
-    if k:
-        mask.scatter_(1, torch.sort(metric, dim=-1, stable=True).indices[:, :k], True)
-    return mask
+    return nm_prune_mask(metric, *nm) if nm is not None else row_prune_mask(metric, sparsity)
 
 
 class InputNormStatistics:

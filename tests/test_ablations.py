@@ -24,7 +24,7 @@ def test_the_profile_names_are_the_variant_table():
 def test_cells_cover_every_variant_pattern_it_allows():
     cells = ablation_cells(TINY)
     assert cells[0] == AblationCell("dense", 0.0)
-    nm_free = {"cap-heads", "cap-layer"}
+    nm_free = {"cap-heads", "cap-layer", "cap-row", "cap-activation-row"}
     expected = sum(len(TINY.ablation_sparsities) + (0 if v in nm_free else 1) for v in TINY.ablation_variants)
     assert len(cells) == 1 + expected
     assert AblationCell("cap-neuron", 0.5, (2, 4)).method == "cap-neuron 2:4"
@@ -44,6 +44,8 @@ def test_prune_settings_carry_the_variant_options_and_the_pattern():
     cfg = prune_settings(TINY, AblationCell("magnitude", 0.2))
     assert (cfg.method, cfg.magnitude_scope, cfg.sparsity, cfg.nm) == ("magnitude", TINY.magnitude_scope, 0.2, None)
     assert prune_settings(TINY, AblationCell("cap-layer", 0.1)).cap_scope == "layer"
+    cfg = prune_settings(TINY, AblationCell("cap-activation-row", 0.2))
+    assert (cfg.cap_scope, cfg.cap_activation, cfg.sparsity) == ("row", True, 0.2)
 
 
 def test_a_grid_prunes_evaluates_stores_and_restores(data_dir, monkeypatch):

@@ -16,7 +16,7 @@ from cap_lab.models import tiny_random_model
 from cap_lab.pruning import PruneConfig, prune_model
 from cap_lab.saving import read_prune_info
 from cap_lab.sparsity_allocation import input_sq_sums
-from cap_lab.wanda import wanda_score
+from cap_lab.wanda import wanda_row_mask, wanda_score
 
 WIDTH = 48  # the tiny models' intermediate size
 
@@ -195,15 +195,48 @@ def test_per_layer_cap_prunes_every_layer_to_the_target(sparsity, one_thread):
     assert result.threshold is None
 
 
+# ------------------------------------------------------------------ one budget per output row
+def test_per_row_cap_prunes_the_lowest_scores_of_every_row(one_thread):
+    lm = tiny_random_model("qwen2", seed=6)
+    layout = get_layout(lm.model)
+    heads = _head_scores(layout)
+    scores = reference_scores(lm.model, heads)
+    o_before = layout.attention(lm.model, 1).o_proj.weight.detach().clone()
+    prune_model(lm.model, PruneConfig(method="cap", sparsity=0.4, cap_scope="row"), head_scores=heads)
+    for (l, name, m), got in zip(layout.linear_weights(lm.model), pruned_masks(lm.model)):
+        k = int(0.4 * m.in_features)
+        assert got.sum(dim=1).eq(k).all(), (l, name)  # every row loses exactly int(in * s)
+        score = scores[(l, name)]
+        kept_min = score.masked_fill(got, float("inf")).min(dim=1).values
+        pruned_max = score.masked_fill(~got, float("-inf")).max(dim=1).values
+        assert (pruned_max <= kept_min).all(), (l, name)  # and they are its lowest scores
+    o = layout.attention(lm.model, 1).o_proj.weight  # o_proj rows span every head: its factors reorder columns
+    assert not torch.equal(o == 0, wanda_row_mask(o_before, torch.ones(o.shape[1]), 0.4))  # not magnitude per row
+
+
+def test_activation_aware_per_row_cap_with_equal_factors_is_wanda_on_the_first_layer(calib, one_thread):
+    """Factors all 1: Wanda's score and Wanda's row budget; layer 0 sees the same (dense) inputs in both."""
+    dense = tiny_random_model("llama")
+    layout = get_layout(dense.model)
+    wanda = tiny_random_model("llama")
+    prune_model(wanda.model, PruneConfig(method="wanda", sparsity=0.5), calib=calib, batch_size=4, progress=False)
+    prune_model(dense.model, PruneConfig(method="cap", sparsity=0.5, cap_activation=True, cap_scope="row"),
+                head_scores=torch.zeros(layout.num_layers, layout.num_heads), calib=calib, batch_size=4)
+    pairs = list(zip(layout.linear_weights(dense.model), pruned_masks(dense.model), pruned_masks(wanda.model)))
+    assert all(torch.equal(a, b) for (l, _, _), a, b in pairs if l == 0)
+    assert not all(torch.equal(a, b) for (l, _, _), a, b in pairs)  # later layers: dense vs already-pruned inputs
+
+
 # ------------------------------------------------------------------ mistakes
 @pytest.mark.parametrize("kwargs, needle", [
     (dict(cap_mlp_factors="neurons"), "cap_mlp_factors='neurons'; allowed: layer_mean, neuron"),
-    (dict(cap_scope="matrix"), "cap_scope='matrix'; allowed: global, layer"),
+    (dict(cap_scope="matrix"), "cap_scope='matrix'; allowed: global, layer, row"),
     (dict(cap_activation="yes"), "cap_activation='yes'; allowed: True, False"),
     (dict(method="wanda", cap_scope="layer"), "cap_scope='layer': a CAP variant, for method 'cap' only, not 'wanda'"),
     (dict(method="magnitude", cap_activation=True), "cap_activation=True: a CAP variant, for method 'cap' only"),
     (dict(method="random", cap_mlp_factors="neuron"), "cap_mlp_factors='neuron': a CAP variant, for method 'cap' only"),
     (dict(cap_scope="layer", nm=(2, 4)), "cap_scope='layer' with nm=2:4"),
+    (dict(cap_scope="row", nm=(2, 4)), "cap_scope='row' with nm=2:4"),
 ])
 def test_bad_variant_settings_are_refused_naming_them(kwargs, needle):
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
@@ -242,6 +275,7 @@ def test_cli_variant_flags_parse_with_the_papers_defaults():
     args = build_parser().parse_args(["prune", "--out", "x", "--cap-mlp-factors", "neuron", "--cap-activation",
                                       "--cap-scope", "layer"])
     assert (args.cap_mlp_factors, args.cap_activation, args.cap_scope) == ("neuron", True, "layer")
+    assert build_parser().parse_args(["prune", "--out", "x", "--cap-scope", "row"]).cap_scope == "row"
 
 
 @pytest.mark.parametrize("args, needle", [

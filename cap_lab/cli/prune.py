@@ -21,7 +21,8 @@ factor, from neuron scores computed here on the calibration set
 (:func:`cap_lab.scoring.neurons.score_neurons_attribution`, recorded as ``neuron_scores`` in
 ``cap_lab.json``); ``--cap-activation`` scores ``|W_ij| * ||X_j||_2 * I`` with input norms from
 the dense model on the calibration set; ``--cap-scope layer`` prunes every decoder layer to
-``--sparsity`` with its own threshold instead of one global threshold.
+``--sparsity`` with its own threshold instead of one global threshold, and ``--cap-scope row``
+every output row of every matrix (Wanda's comparison group).
 
 ``--method cap_heads`` removes whole heads by their causal scores (:mod:`cap_lab.head_pruning`,
 paper Sec. 6); it prints the heads it removed and the achieved sparsity, which is close to but
@@ -83,7 +84,8 @@ def add_parser(sub) -> None:
     p.add_argument("--cap-activation", action="store_true",
                    help="cap: score |W_ij| * ||X_j||_2 * I (input norms of the dense model on the calibration set)")
     p.add_argument("--cap-scope", choices=CAP_SCOPES, default="global",
-                   help="cap: one global threshold, or one per decoder layer (each layer pruned to --sparsity)")
+                   help="cap: one global threshold, one per decoder layer (each layer pruned to --sparsity), or per "
+                        "output row (every row pruned to --sparsity, Wanda's comparison group)")
     p.add_argument("--sparsegpt-block-size", type=int_at_least(1), default=128,
                    help="sparsegpt: columns per block (mask selection and lazy OBS updates; paper: 128)")
     p.add_argument("--sparsegpt-damping", type=fraction, default=0.01,
