@@ -367,6 +367,19 @@ class SweepResult:
                 for r in self.records for i, s in enumerate(r["by_layer"])]
         return pd.DataFrame(rows)
 
+    def wall_times(self) -> pd.DataFrame:
+        """Seconds each stage of each cell took when it ran (stored with it, so also for a
+        resumed run): one row per (model, method, sparsity, stage), ``stage`` being ``prune``
+        (not for dense) or ``<mode> <task>``; NaN where a stored record has no time."""
+        rows = []
+        for r in self.records:
+            key = dict(model=r["model"], method=r["method"], sparsity=r["sparsity"])
+            if r["method"] != DENSE:
+                rows.append(dict(key, stage="prune", seconds=float(r.get("prune_seconds", float("nan")))))
+            rows += [dict(key, stage=f"{row['mode']} {row['task']}", seconds=float(row.get("seconds", float("nan"))))
+                     for row in r["rows"]]
+        return pd.DataFrame(rows, columns=["model", "method", "sparsity", "stage", "seconds"])
+
     def __add__(self, other: "SweepResult") -> "SweepResult":
         return SweepResult(self.profile, self.records + other.records)
 

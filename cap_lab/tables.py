@@ -155,3 +155,19 @@ def paired_markdown(paired: pd.DataFrame) -> str:
     wide = df.pivot_table(index=["model", "sparsity", "comparison"], columns="column", values="text", aggfunc="first")
     wide.columns.name = None
     return markdown_table(wide.reset_index())
+
+
+def wall_time_summary(times: pd.DataFrame) -> pd.DataFrame:
+    """Minutes per model and stage, summed over a sweep's cells, with each model's total.
+
+    Args:
+        times: :meth:`cap_lab.sweep.SweepResult.wall_times` (of one or more models).
+
+    Returns:
+        One row per model: ``model``, one column per stage (``prune``, ``loglik arc_challenge``,
+        ...) and ``total``, in minutes.
+    """
+    minutes = times.assign(minutes=times["seconds"] / 60)
+    out = minutes.pivot_table(index="model", columns="stage", values="minutes", aggfunc="sum", sort=False)
+    out["total"] = out.sum(axis=1)
+    return out.reset_index().rename_axis(columns=None)

@@ -89,6 +89,11 @@ def test_03_and_04_sweep_table_and_perplexity_vs_accuracy(data_dir, figures, mon
     paired = tables.paired_differences(result.records, n_resamples=200)
     assert len(paired) == 3 * len(TINY.sparsities) * per_cap_row  # CAP-Wanda, CAP-dense, Wanda-dense
     assert tables.table1_long(res, paired).query("method == 'cap'")["delta_vs_wanda"].notna().all()
+    times = result.wall_times()  # every stage of every cell, with the seconds it took when it ran
+    stages = 1 + len(sweep.evaluation_units(TINY))  # prune (not for dense) and every evaluation unit
+    assert len(times) == len(result.records) * stages - 1 and times["seconds"].ge(0).all()
+    summary = tables.wall_time_summary(times)
+    assert summary.loc[0, "total"] == pytest.approx(times["seconds"].sum() / 60)
     plotting.save_output(tables.markdown_table(table), "03_table.md", profile=TINY)
     plotting.save_output(plotting.accuracy_vs_sparsity(res, model="tiny-llama", profile=TINY), "03_curves.png", profile=TINY)
     plotting.save_output(plotting.layer_sparsity(result.layer_sparsity(), model="tiny-llama", sparsity=0.5, profile=TINY),
