@@ -175,6 +175,26 @@ def test_device_and_dtype_accept_what_exists():
     assert (args.device, args.dtype) == ("cpu", "bfloat16")
 
 
+@pytest.mark.parametrize("value, needle", [
+    ("autoo", "'autoo' is not a device map; allowed: auto, balanced"),
+    ("{not json", "is not valid JSON"),
+    ("[]", "'[]' is not a device map"),
+    ("{}", "is not a non-empty JSON object"),
+    ('{"model": 99}', "module 'model' maps to GPU 99, but this machine has"),
+    ('{"model": "bogus"}', "module 'model': 'bogus' is not a device"),
+    ('{"model": 1.5}', "module 'model' maps to 1.5"),
+])
+def test_device_map_is_checked_before_loading(value, needle, capsys, no_load):
+    err = one_error_line(["score", "--device-map", value], capsys)
+    assert "--device-map" in err and needle in err
+
+
+def test_device_map_accepts_strategies_devices_and_module_maps():
+    parse = lambda v: build_parser().parse_args(["score", "--device-map", v]).device_map  # noqa: E731
+    assert parse("auto") == "auto" and parse("sequential") == "sequential" and parse("cpu") == "cpu"
+    assert parse('{"model": "cpu", "lm_head": "disk"}') == {"model": "cpu", "lm_head": "disk"}
+
+
 def test_dtype_names_the_allowed_ones(capsys, no_load):
     err = one_error_line(["score", "--dtype", "float8"], capsys)
     assert "--dtype" in err and "float8" in err and "bfloat16" in err

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -103,6 +104,48 @@ def device(text: str) -> str:
     if name not in here and name != "cpu:0":
         raise argparse.ArgumentTypeError(f"{text!r} is not available on this machine; available: {', '.join(here)}")
     return text
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def device_map(text: str) -> str | dict:
+    """An argparse type: a transformers/accelerate ``device_map``.
+
+    One of :data:`DEVICE_MAP_STRATEGIES`, a device of this machine (:func:`device`), or a JSON
+    object from module names to a device of this machine, a GPU index, or ``"disk"``
+    (``'{"": 0}'``, ``'{"model": "cuda:0", "lm_head": "cpu"}'``).
+    """
+    text = text.strip()
+    allowed = (f"allowed: {', '.join(DEVICE_MAP_STRATEGIES)}, a device of this machine "
+               f"({', '.join(available_devices())}), or a JSON object of module name -> device")
+    if text in DEVICE_MAP_STRATEGIES:
+        return text
+    if not text.startswith("{"):
+        try:
+            return device(text)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a device map; {allowed}") from None
+    try:
+        mapping = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({e.msg}); {allowed}") from None
+    if not isinstance(mapping, dict) or not mapping:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-empty JSON object; {allowed}")
+    gpus = torch.cuda.device_count()
+    for module, where in mapping.items():
+        if isinstance(where, bool) or not isinstance(where, (int, str)):
+            raise argparse.ArgumentTypeError(f"module {module!r} maps to {where!r}; {allowed}")
+        if isinstance(where, int):
+            if not 0 <= where < gpus:
+                raise argparse.ArgumentTypeError(f"module {module!r} maps to GPU {where}, but this machine has "
+                                                 f"{gpus} GPU(s)")
+        elif where != "disk":
+            try:
+                device(where)
+            except argparse.ArgumentTypeError as e:
+                raise argparse.ArgumentTypeError(f"module {module!r}: {e}") from None
+    return mapping
 
 
 def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from cap_lab.calibration import CALIBRATION_SOURCES, CalibrationConfig
-from cap_lab.cli.checks import DTYPES, device, int_at_least, task_list
+from cap_lab.cli.checks import DTYPES, device, device_map, int_at_least, task_list
 from cap_lab.data import TASKS
 from cap_lab.models import DEFAULT_MODEL, load_model
 from cap_lab.prompts import GSM8K_FINALS, PROMPT_STYLES, TargetFormat
@@ -20,7 +20,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="cpu, cuda, cuda:N or mps, if this machine has it (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--device-map", default=None, help="passed to transformers, e.g. auto")
+    p.add_argument("--device-map", type=device_map, default=None,
+                   help="passed to transformers: auto, balanced, balanced_low_0, sequential, a device, or a JSON "
+                        "object of module name -> device (e.g. '{\"\": 0}')")
 
 
 def load_model_from_args(args):
