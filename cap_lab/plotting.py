@@ -383,8 +383,11 @@ def write_figures_readme(folder: str | os.PathLike, profile: Profile | str | Non
     profiles = sorted({e["profile"] for e in manifest.values()})
     commits = sorted({(e.get("commit") or "?")[:10] + (" (uncommitted changes)" if e.get("dirty") else "") for e in manifest.values()})
     lines += [f"Profiles: {', '.join(profiles) or profile.name}. Commits: {', '.join(commits) or '-'}.", ""]
-    if timings:
-        lines += ["| notebook | wall time (s) |", "|---|---|"] + [f"| {k} | {v} |" for k, v in timings.items()] + [""]
+    if timings:  # {notebook: seconds} or {notebook: {"seconds", "finished"}}; reruns read stored results
+        runs = {k: v if isinstance(v, dict) else {"seconds": v} for k, v in timings.items()}
+        lines += ["Wall time of each notebook's latest run (a rerun reads the stored scores and cells):", "",
+                  "| notebook | seconds | finished |", "|---|---|---|"]
+        lines += [f"| {k} | {v['seconds']} | {v.get('finished', '-')} |" for k, v in runs.items()] + [""]
     for name, entry in manifest.items():
         lines += [f"## `{name}`", "", f"{entry.get('description') or ''} (model: {entry.get('model') or 'several'}, "
                   f"profile: {entry['profile']}, made {entry['created']})", ""]

@@ -8,7 +8,7 @@
 The kernel reads the profile from ``CAP_LAB_PROFILE`` (set here). Each notebook runs in its own
 fresh kernel, in order, with ``notebooks/`` as working directory; the executed copy (with
 outputs) is written to ``executed/<profile>/`` (git-ignored), and the wall time of each notebook
-to ``executed/<profile>/timings.json``. After a run that writes into the committed ``figures/``
+(and when it finished) to ``executed/<profile>/timings.json``. After a run that writes into the committed ``figures/``
 folder, ``figures/README.md`` is regenerated from ``figures/MANIFEST.json``.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"[{profile.name}] {name} ...", flush=True)
         seconds = run_notebook(NOTEBOOKS / f"{name}.ipynb", out_dir, args.timeout)
-        timings[name] = round(seconds, 1)
+        timings[name] = {"seconds": round(seconds, 1),
+                         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         out_dir.mkdir(parents=True, exist_ok=True)
         timings_file.write_text(json.dumps(timings, indent=2) + "\n")
         print(f"[{profile.name}] {name}: {seconds:.0f} s", flush=True)

@@ -192,8 +192,10 @@ def test_save_output_records_provenance(tmp_path):
     assert {"commit", "dirty", "created", "description"} <= set(entry)
     with pytest.raises(ValueError, match="cannot save a int"):
         plotting.save_output(3, "x.txt", profile=TINY, out_dir=tmp_path)
-    readme = plotting.write_figures_readme(tmp_path, TINY, {"01_calibration": 1.0}).read_text()
-    assert "![02_x_tiny-llama.png](02_x_tiny-llama.png)" in readme and "| 01_calibration | 1.0 |" in readme
+    timings = {"01_calibration": 1.0, "02_head_importance": {"seconds": 2.5, "finished": "2026-12-03T10:00:00+00:00"}}
+    readme = plotting.write_figures_readme(tmp_path, TINY, timings).read_text()
+    assert "![02_x_tiny-llama.png](02_x_tiny-llama.png)" in readme and "| 01_calibration | 1.0 | - |" in readme
+    assert "| 02_head_importance | 2.5 | 2026-12-03T10:00:00+00:00 |" in readme
 
 
 def test_rank_correlations_and_top_heads():
