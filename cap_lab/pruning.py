@@ -22,7 +22,7 @@ CAP variants (``PruneConfig`` fields; their defaults are the paper's CAP, bit fo
 of :mod:`cap_lab.scoring.neurons`) instead of the layer's mean head factor; ``cap_activation``:
 the score ``|W_ij| * ||X_j||_2 * I`` (Wanda's statistic, X from one forward of the *dense* model
 over the calibration set, :func:`~cap_lab.sparsity_allocation.input_sq_sums`); ``cap_scope=
-"layer"``: every decoder layer pruned to the target with its own threshold on the CAP score. Method
+"layer"``/``"row"``: every decoder layer / output row (Wanda's group) pruned to the target. Method
 ``cap_heads`` (Sec. 6, :mod:`cap_lab.head_pruning`) removes whole query heads, lowest causal score first,
 until the q/o weights reach the target (k/v rows of fully removed GQA groups; MLP as CAP, exactly s).
 
@@ -109,10 +109,8 @@ class PruneConfig:
             needs ``neuron_scores``).
         cap_activation: ``cap``: score ``|W_ij| * ||X_j||_2 * I`` (X norms from one dense forward
             over the calibration set, so it needs one) instead of ``|W| * I``.
-        cap_scope: ``cap``: one ``global`` threshold, one per ``layer`` (each decoder layer
-            pruned to ``sparsity``; with ``owl`` every layer has its own threshold anyway), or
-            per output ``row`` (the lowest ``int(in * s)`` of every row of every matrix, Wanda's
-            comparison group; with ``owl``, s is the row's layer's sparsity).
+        cap_scope: ``cap``: one ``global`` threshold, one per ``layer`` (each pruned to ``sparsity``;
+            with ``owl`` to its own), or per output ``row`` (the lowest ``int(in * s)`` of every row).
     """
 
     method: str = "cap"
