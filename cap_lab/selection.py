@@ -300,14 +300,12 @@ def select_masks(score_fn: ScoreFn, targets: list[Target], sparsity: float, *, s
         layers = sorted({l for l, _, _ in targets})
         if len(layer_sparsity) <= layers[-1]:
             raise ValueError(f"{len(layer_sparsity)} layer sparsities for {layers[-1] + 1} decoder layers")
-        if scope == "matrix":
-            return per_matrix_masks(score_fn, targets, layer_sparsity), None
-        if scope == "row":
-            return per_row_masks(score_fn, targets, layer_sparsity), None
-        return per_layer_threshold_masks(score_fn, targets, layer_sparsity, tolerance), None
+    share = sparsity if layer_sparsity is None else layer_sparsity  # one fraction, or one per layer
     if scope == "matrix":
-        return per_matrix_masks(score_fn, targets, sparsity), None
+        return per_matrix_masks(score_fn, targets, share), None
     if scope == "row":
-        return per_row_masks(score_fn, targets, sparsity), None
+        return per_row_masks(score_fn, targets, share), None
+    if layer_sparsity is not None:
+        return per_layer_threshold_masks(score_fn, targets, layer_sparsity, tolerance), None
     lo, hi, extra = global_threshold(score_fn, targets, sparsity, tolerance)
     return threshold_masks(score_fn, targets, lo, hi, extra), lo
