@@ -7,15 +7,18 @@ task, K subsets, seed, max length), the scoring method, the pruning methods and 
 * ``ci``: the real default model on the real data with the smallest settings that still
   exercise every code path (every notebook runs end to end in CI);
 * ``cpu``: the main job on a laptop-class CPU: the default model and ``gemma3-270m``, sized so
-  notebooks 01-04 aim at 45 minutes on a 2-core machine (the 2026-12-03 run, on shared cores,
-  took 91: README). Log-likelihood accuracy and
-  WikiText-2 perplexity carry the signal at this model size; CoT accuracy runs on a smaller
-  limit;
+  notebooks 01-04 stay under 45 minutes on a 2-core machine (README, "What we measured").
+  Log-likelihood accuracy and WikiText-2 perplexity carry the signal at this model size; CoT
+  accuracy runs on a smaller limit. Its stability study is attribution's alone: exact scoring
+  of two draws costs ~11 minutes even at 3 examples per task, so the exact rows (and the exact
+  vs attribution comparison) run in ``cpu-full``;
 * ``cpu-full``: Table 1 at the largest size this CPU allows in a few hours: the whole
   ARC-Challenge test and StrategyQA dev splits by log-likelihood and 40 WikiText-2 windows of
   2048 tokens, both models, every method at 10/20/50%. Its sweep stores every (model, method,
   sparsity, task) result in ``results/cpu-full`` (committed), so the run can stop anywhere and
-  the next ``make figures PROFILE=cpu-full``, on this machine or another, goes on from there;
+  the next ``make figures PROFILE=cpu-full``, on this machine or another, goes on from there.
+  Its notebook 02 adds exact scores to the stability study (3 per task, two draws) and
+  compares them with attribution on draw 0;
 * ``paper``: the paper's settings (Llama-3-8B-Instruct and Mistral-7B-Instruct-v0.2 from the
   hub, 128 per task, K=3, 10/20/50% sparsity, full test sets, 100 windows of 2048 tokens of
   WikiText-2) for a GPU machine;
@@ -232,13 +235,13 @@ PROFILES: dict[str, Profile] = {
             name="cpu",
             models=(DEFAULT_MODEL, "gemma3-270m"),
             # chosen by the stability study of notebook 02 (README, "Head-score stability"):
-            # exact scores of 3 items per task from two disjoint draws barely agree, and exact
-            # scoring costs ~0.55 s per calibration token here; attribution scores of 128 per
-            # task (the paper's size) do (see figures/02_stability.md)
+            # exact scores of 3 items per task from two disjoint draws barely agree (cpu-full's
+            # study), and exact scoring costs ~0.3 s per calibration token here; attribution
+            # scores of 128 per task (the paper's size) do (see figures/02_stability.md)
             calibration=CPU_CALIBRATION,
             score_method="attribution",
-            compare_scoring=("exact",),
-            stability=(("exact", (3,)), ("attribution", (3, 8, 32, 128))),
+            compare_scoring=(),
+            stability=(("attribution", (3, 8, 32, 128)),),
             ablation_results_dir="results/cpu-ablations",
             sparsities=TABLE1_SPARSITIES,
             eval=EvalPlan(cot_tasks=("gsm8k",), loglik_limit=40, cot_limit=8, cot_max_new_tokens=96, ppl_seqlen=512,
@@ -251,7 +254,8 @@ PROFILES: dict[str, Profile] = {
             models=(DEFAULT_MODEL, "gemma3-270m"),
             calibration=CPU_CALIBRATION,
             score_method="attribution",
-            compare_scoring=(),
+            compare_scoring=("exact",),
+            stability=(("exact", (3,)), ("attribution", (3, 8, 32, 128))),
             sparsities=TABLE1_SPARSITIES,
             eval=EvalPlan(cot_tasks=(), loglik_limit=None, cot_limit=0, ppl_seqlen=2048, ppl_windows=40, batch_size=8),
             figures_dir="figures/cpu-full",

@@ -70,7 +70,7 @@ def prune_layers_sequentially(model: nn.Module, layout: ModelLayout, calib: Cali
     device = model_device(model)
     states = []  # per batch: [hidden (B, S, d) entering the current layer, layer kwargs, attention mask (B, S)]
     for batch in calib.batches(list(range(len(calib.items))), batch_size, device):
-        captured = capture(model, layout, batch.input_ids, batch.attention_mask, start=0)
+        captured = capture(model, layout, batch.input_ids, batch.attention_mask, start=0, compute=False)
         states.append([captured.hidden, captured.layer_kwargs, batch.attention_mask])
     layers = layout.layers(model)
     selected = 0

@@ -32,6 +32,48 @@ def test_replay_in_two_pieces_reproduces_the_forward(arch, data_dir, one_thread)
         torch.testing.assert_close(final[k * rows:(k + 1) * rows], cap.final, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("start", [0, 2])
+def test_a_capture_that_skips_the_layers_records_the_same_arguments(arch, start, data_dir, one_thread):
+    lm = tiny_random_model(arch, seed=4)
+    layout, batch = get_layout(lm.model), _batch(lm, data_dir)
+    layers = layout.layers(lm.model)
+    skipped = {}  # layer -> whether its output is its input, object for object
+
+    def record(i):
+        return lambda m, args, out: skipped.__setitem__(i, (out if isinstance(out, torch.Tensor) else out[0]) is args[0])
+
+    handles = [layer.register_forward_hook(record(i)) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            full = capture(lm.model, layout, batch.input_ids, batch.attention_mask, start)  # first: computes, verifies
+            assert not any(skipped.values())
+            quick = capture(lm.model, layout, batch.input_ids, batch.attention_mask, start, compute=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert [skipped[i] for i in range(layout.num_layers)] == [i >= max(start, 1) for i in range(layout.num_layers)]
+    assert quick.final is None and full.final is not None
+    torch.testing.assert_close(quick.hidden, full.hidden, atol=0, rtol=0)
+    for mine, theirs in zip(quick.layer_kwargs, full.layer_kwargs):
+        assert mine.keys() == theirs.keys()
+        for name, value in mine.items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(value, theirs[name], atol=0, rtol=0)
+    assert all("forward" not in vars(layer) for layer in layers)  # the class's forward is back
+    with torch.no_grad():  # the recorded arguments replay to the full capture's final states
+        out = run_layers(lm.model, layout, quick.hidden, start, layout.num_layers, quick.layer_kwargs)
+    torch.testing.assert_close(out, full.final, atol=1e-5, rtol=0)
+
+
+def test_a_skipping_capture_computes_when_the_model_is_not_verified_yet(data_dir, one_thread):
+    lm = tiny_random_model("llama", seed=5)
+    layout, batch = get_layout(lm.model), _batch(lm, data_dir)
+    with torch.no_grad():
+        cap = capture(lm.model, layout, batch.input_ids, batch.attention_mask, compute=False)
+    assert cap.final is not None and lm.model in replay._VERIFIED
+
+
 def test_a_new_keyword_argument_is_replayed_untouched(tiny, data_dir, one_thread):
     """A release that passes layers an argument cap_lab has never heard of needs no change."""
     layout, batch = get_layout(tiny.model), _batch(tiny, data_dir)

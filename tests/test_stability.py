@@ -70,9 +70,10 @@ def test_smallest_stable_size_needs_every_model_to_reach_the_threshold():
 
 
 def test_the_comparison_set_is_draw_0_at_the_smallest_common_study_size():
+    full = get_profile("cpu-full")  # attribution at 3-128 per task, exact at 3
+    small = full.comparison_calibration()
+    assert (small.n_per_task, small.draw) == (3, 0) and full.compare_scoring == ("exact",)
+    assert replace(full, compare_scoring=("reference",)).comparison_calibration() == full.calibration
     cpu = get_profile("cpu")
-    small = cpu.comparison_calibration()
-    assert (small.n_per_task, small.draw) == (3, 0)
-    assert replace(cpu, compare_scoring=("reference",)).comparison_calibration() == cpu.calibration
     with pytest.raises(ValueError, match="stability scorers"):
         replace(cpu, stability=(("bogus", (3,)),))

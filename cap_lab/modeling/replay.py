@@ -28,7 +28,7 @@ match, leading size 1 broadcasts, and 1-D tensors (e.g. ``cache_position``) pass
 from __future__ import annotations
 
 import weakref
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -91,17 +91,41 @@ class Capture:
         hidden: (B, S, d) hidden states entering layer ``start``.
         layer_kwargs: per layer, the keyword arguments the model passed to it.
         final: (B, S, d) hidden states entering the final norm (attached to the autograd
-            graph when grad is enabled).
+            graph when grad is enabled); ``None`` when the capture skipped the layers after
+            ``start``.
     """
 
     hidden: torch.Tensor
     layer_kwargs: list[dict]
-    final: torch.Tensor
+    final: torch.Tensor | None
+
+
+@contextmanager
+def _passthrough(layer: nn.Module, first_output: dict):
+    """While active, ``layer`` returns its input hidden states in the format of ``first_output["out"]``.
+
+    The forward pre-hooks still run (they record the arguments); only the computation is
+    skipped. An instance-level ``forward`` (accelerate's offload hooks) is put back afterwards.
+    """
+    own = vars(layer).get("forward")
+
+    def forward(hidden, *args, **kwargs):
+        out = first_output["out"]
+        return hidden if isinstance(out, torch.Tensor) else (hidden, *out[1:])
+
+    layer.forward = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del layer.forward
+        else:
+            layer.forward = own
 
 
 def capture(model: nn.Module, layout: ModelLayout, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
             start: int = 0, site_hooks: Mapping[str, Callable[[int, torch.Tensor], torch.Tensor]] | None = None,
-            ) -> Capture:
+            compute: bool = True) -> Capture:
     """Run the model forward once, capturing every layer's arguments; stops before the LM head.
 
     Args:
@@ -113,6 +137,11 @@ def capture(model: nn.Module, layout: ModelLayout, input_ids: torch.Tensor, atte
         site_hooks: optional ``{site: fn(layer, x) -> x}``, run on the input of that site
             (:data:`cap_lab.modeling.layout.HOOK_SITES`: ``o_proj``, ``down_proj``) in every
             layer (attribution patching).
+        compute: ``False`` runs only the layers before ``start`` (at least layer 0, whose
+            output format the others copy); every later layer records its arguments and
+            returns its input unchanged, and ``final`` is ``None``. For callers that replay
+            every layer themselves (sequential pruning): it saves most of a forward. A model's
+            first capture always computes, so that it is verified.
 
     Returns:
         A :class:`Capture`. The first capture of each model also runs :func:`verify_replay`.
@@ -120,8 +149,9 @@ def capture(model: nn.Module, layout: ModelLayout, input_ids: torch.Tensor, atte
     layers = layout.layers(model)
     if not 0 <= start < layout.num_layers:
         raise ValueError(f"start layer {start} out of range [0, {layout.num_layers})")
+    skip_from = layout.num_layers if compute or model not in _VERIFIED else max(start, 1)
     calls: dict[int, tuple[tuple, dict]] = {}
-    captured = {}
+    captured, first_output = {}, {}
 
     def on_layer(index):
         def hook(module, args, kwargs):
@@ -135,6 +165,10 @@ def capture(model: nn.Module, layout: ModelLayout, input_ids: torch.Tensor, atte
     with ExitStack() as stack:
         for i, layer in enumerate(layers):
             stack.callback(layer.register_forward_pre_hook(on_layer(i), with_kwargs=True).remove)
+            if i >= skip_from:
+                stack.enter_context(_passthrough(layer, first_output))
+        if skip_from < layout.num_layers:
+            stack.callback(layers[0].register_forward_hook(lambda m, a, out: first_output.update(out=out)).remove)
         stack.callback(layout.final_norm(model).register_forward_pre_hook(on_norm).remove)
         for site, fn in (site_hooks or {}).items():
             for i in range(layout.num_layers):
@@ -150,7 +184,7 @@ def capture(model: nn.Module, layout: ModelLayout, input_ids: torch.Tensor, atte
     for i in range(layout.num_layers):
         check_layer_call(i, *calls[i])
     result = Capture(hidden=calls[start][0][0], layer_kwargs=[calls[i][1] for i in range(layout.num_layers)],
-                     final=captured["final"])
+                     final=captured["final"] if skip_from == layout.num_layers else None)
     if model not in _VERIFIED:
         verify_replay(model, layout, calls[0][0][0], result)
     return result
