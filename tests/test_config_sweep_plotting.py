@@ -196,6 +196,7 @@ def test_save_output_records_provenance(tmp_path):
     readme = plotting.write_figures_readme(tmp_path, TINY, timings).read_text()
     assert "![02_x_tiny-llama.png](02_x_tiny-llama.png)" in readme and "| 01_calibration | 1.0 | - |" in readme
     assert "| 02_head_importance | 2.5 | 2026-12-03T10:00:00+00:00 |" in readme
+    assert "`python scripts/run_notebooks.py --profile tiny` (`make figures PROFILE=tiny`)" in readme
 
 
 def test_rank_correlations_and_top_heads():
